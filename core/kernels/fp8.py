@@ -1,0 +1,52 @@
+"""FP8 grids in fp32: round onto the E4M3/E5M2 grid first, then the cast is exact.
+
+Rounding in fp32 ourselves sidesteps the triton interpreter's FP8 cast defect (values whose
+rounding carries into the next power of two) and gives one rounding rule on every path:
+round half to even, saturate at the format's maximum, keep the sign of zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FP8Format:
+    """What a kernel needs to know of an FP8 format."""
+
+    name: str
+    dtype: torch.dtype
+    mantissa_bits: int
+    min_normal_exp: int
+    max_value: float
+
+
+E4M3 = FP8Format("e4m3", torch.float8_e4m3fn, 3, -6, 448.0)
+E5M2 = FP8Format("e5m2", torch.float8_e5m2, 2, -14, 57344.0)
+FORMATS = {"e4m3": E4M3, "e5m2": E5M2}
+
+
+def fp8_format(name: str) -> FP8Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown FP8 format '{name}'; use one of {', '.join(FORMATS)}") from None
+
+
+def round_to_grid(x: torch.Tensor, fmt: FP8Format = E4M3) -> torch.Tensor:
+    """fp32 values of ``x`` rounded to the nearest ``fmt`` value (ties to even, saturating)."""
+    x = x.float()
+    mag = x.abs().clamp(max=fmt.max_value)
+    _, exp = torch.frexp(mag)  # mag = m * 2**exp, m in [0.5, 1)
+    e = (exp - 1).clamp(min=fmt.min_normal_exp)
+    step = torch.ldexp(torch.ones_like(mag), (e - fmt.mantissa_bits).to(torch.int32))
+    rounded = torch.round(mag / step) * step  # torch.round is half-to-even
+    rounded = rounded.clamp(max=fmt.max_value)
+    return torch.copysign(rounded, x)
+
+
+def quantize(x: torch.Tensor, fmt: FP8Format = E4M3) -> torch.Tensor:
+    """``x`` (already scaled into range) as an FP8 tensor, rounded exactly."""
+    return round_to_grid(x, fmt).to(fmt.dtype)

@@ -1,0 +1,118 @@
+"""The Plugin base class: metadata, a Config dataclass, hook methods, ``as_callback()``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from importlib import metadata
+from typing import Any, ClassVar
+
+import pluggy
+
+from memwise.errors import MemwiseError, PluginHookError, RecipeError
+from memwise.hookspecs import HOOK_API
+from memwise.schema import as_dict, build
+
+hookimpl = pluggy.HookimplMarker("memwise")
+
+STAGES = ("fit", "generate")
+PHASES = ("data", "prune", "adapt", "replace", "wrap", "optimizer", "runtime")
+CAPABILITIES = ("activation.storage", "optimizer.states", "kv.cache", "data.batching", "linear.compute")
+
+
+def _name_errors(fn: Any, hook: str) -> Any:
+    """Re-raise any exception of a hook method as a PluginHookError naming plugin and hook."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Plugin, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except MemwiseError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point is to name who failed
+            raise PluginHookError(self.name, hook, exc) from exc
+
+    return wrapper
+
+
+class Plugin:
+    """One memory-efficiency technique.
+
+    Subclasses set the class attributes below, define a ``Config`` dataclass (the schema
+    of the recipe's ``with:`` block) and implement hooks as methods marked with
+    ``memwise.hookimpl``.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ("fit",)
+    phase: ClassVar[str] = "runtime"
+    before: ClassVar[tuple[str, ...]] = ()
+    after: ClassVar[tuple[str, ...]] = ()
+    composes_with: ClassVar[tuple[str, ...]] = ()
+    """Plugins that may provide the same capability as this one (they cooperate)."""
+    wraps: ClassVar[bool] = False
+    """True when this plugin may replace modules another plugin already claimed."""
+    required_on_load: ClassVar[bool] = False
+    """True when a checkpoint made with this plugin cannot be loaded without it."""
+    strategies: ClassVar[tuple[str, ...]] = ("auto", "ddp", "ddp_spawn", "single_device")
+    hook_api: ClassVar[int] = HOOK_API
+    distribution: ClassVar[str] = ""
+    """The distribution that ships the plugin, for install hints and manifests."""
+
+    @dataclasses.dataclass
+    class Config:
+        pass
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr, value in list(vars(cls).items()):
+            if attr.startswith("memwise_") and callable(value) and hasattr(value, "memwise_impl"):
+                setattr(cls, attr, _name_errors(value, attr))
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        if isinstance(config, self.Config):
+            cfg = dataclasses.replace(config, **overrides) if overrides else config
+        else:
+            data = dict(config or {})
+            data.update(overrides)
+            try:
+                cfg = build(self.Config, data, path=self.name)
+            except RecipeError as err:
+                raise RecipeError(err.problems, source=f"plugin '{self.name}'") from None
+        self.config = cfg
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Check config values that the type alone cannot (raise RecipeError)."""
+
+    def provides(self) -> set[str]:
+        """Capabilities this plugin takes, given its config."""
+        return set()
+
+    def requires(self) -> set[str]:
+        """Capabilities another plugin must provide for this one to work."""
+        return set()
+
+    def config_dict(self) -> dict:
+        """The resolved config as a plain dict (manifests, reports)."""
+        return as_dict(self.config)
+
+    @classmethod
+    def version(cls) -> str:
+        """Version of the distribution that ships this plugin, or 'unknown'."""
+        if not cls.distribution:
+            return "unknown"
+        try:
+            return metadata.version(cls.distribution)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    def as_callback(self) -> Any:
+        """This plugin as a Lightning callback for a user's own Trainer."""
+        from memwise.lightning.callback import MemwiseCallback
+
+        return MemwiseCallback(plugins=[self])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config_dict()})"
