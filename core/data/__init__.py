@@ -1,0 +1,1 @@
+"""Built-in datasets: documents, byte tokens, training windows, samplers."""

@@ -1,0 +1,1 @@
+"""Lightning integration: recipe module and datamodule, callback, precision wrapper."""
