@@ -42,6 +42,8 @@ class RunContext:
     train_dataset: Any = None
     batch_sampler: Any = None
     collate_fn: Any = None
+    corpus: Any = None
+    """memwise.data.corpus.Corpus: the documents as token arrays (train and validation)."""
     tokenizer: Any = None
     trainer: Any = None
     module: Any = None

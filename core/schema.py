@@ -7,6 +7,7 @@ for loading, merging and interpolation only.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -18,8 +19,8 @@ from memwise.errors import Problem, RecipeError
 
 def option(default: Any, doc: str) -> Any:
     """A dataclass field with a default and the one-line doc shown in references."""
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
     return dataclasses.field(default=default, metadata={"doc": doc})
 
 

@@ -1,0 +1,308 @@
+"""The ``memwise`` command: plugins, recipes, validate, explain, run, generate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from memwise import manager
+from memwise.errors import MemwiseError, PluginHookError, RecipeError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+MIB = 2 ** 20
+
+
+def _fmt(n: int | None) -> str:
+    return "-" if n is None else f"{n / MIB:,.2f}"
+
+
+# --- plugins / recipes ------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from memwise.schema import describe
+
+    found = manager.available()
+    if args.action == "list":
+        table = Table(title="installed memwise plugins")
+        for col in ("name", "distribution", "version", "summary"):
+            table.add_column(col)
+        for name, av in found.items():
+            try:
+                summary = manager.load(name).summary
+            except Exception as err:  # noqa: BLE001 - a broken plugin must not hide the others
+                summary = f"[red]cannot be imported: {err}[/red]"
+            table.add_row(name, av.distribution, av.version, summary)
+        console.print(table)
+        return 0
+    if not args.name:
+        raise MemwiseError("plugins describe needs a plugin name: memwise plugins describe NAME")
+    cls = manager.load(args.name)
+    console.print(f"[bold]{cls.name}[/bold] ({cls.distribution} {cls.version()}): {cls.summary}")
+    console.print(f"stages: {', '.join(cls.stages)}; phase: {cls.phase}; strategies: {', '.join(cls.strategies)}; "
+                  f"required on load: {cls.required_on_load}")
+    table = Table(title="settings (recipe: with:)")
+    for col in ("key", "type", "default", "meaning"):
+        table.add_column(col)
+    for row in describe(cls.Config):
+        table.add_row(*row)
+    console.print(table)
+    provides = sorted(cls().provides())
+    console.print(f"provides (default settings): {', '.join(provides) or 'nothing exclusive'}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from memwise import recipe
+
+    if args.action == "list":
+        table = Table(title="shipped recipes")
+        table.add_column("recipe")
+        table.add_column("plugins needed")
+        table.add_column("missing")
+        installed = manager.available()
+        for name in recipe.shipped():
+            try:
+                raw = recipe.to_plain(recipe.load_raw(name))
+            except RecipeError:
+                continue
+            needed = [p.get("use", "?") for p in raw.get("plugins", []) or [] if isinstance(p, dict)]
+            missing = [n for n in needed if n not in installed]
+            table.add_row(name, ", ".join(needed) or "-", ", ".join(f"memwise-{m}" for m in missing) or "-")
+        console.print(table)
+        return 0
+    if not args.name:
+        raise MemwiseError("recipes show needs a recipe name or path: memwise recipes show quickstart")
+    import yaml
+
+    console.print(yaml.safe_dump(recipe.to_plain(recipe.load_raw(args.name)), sort_keys=False))
+    return 0
+
+
+# --- recipe commands --------------------------------------------------------------------
+
+
+def _plan_table(run: Any) -> Table:
+    table = Table(title="plan (plugins in call order)")
+    for col in ("#", "plugin", "phase", "stages", "provides"):
+        table.add_column(col)
+    for i, p in enumerate(run.recipe.plugins):
+        table.add_row(str(i), p.name, p.phase, "/".join(p.stages), ", ".join(sorted(p.provides())) or "-")
+    return table
+
+
+def _estimate_table(rows: list, measured: dict | None = None) -> Table:
+    from memwise.memory import CATEGORIES
+
+    table = Table(title="memory per category (MiB)")
+    table.add_column("category")
+    for label, _, _ in rows:
+        table.add_column(f"predicted {label}" if label == "baseline" else label, justify="right")
+    if measured:
+        table.add_column("measured", justify="right")
+        table.add_column("own max", justify="right")
+        table.add_column("at total peak", justify="right")
+    for cat in CATEGORIES:
+        cells = [_fmt(getattr(est, cat)) for _, est, _ in rows]
+        if measured:
+            cells += [_fmt(measured["headline"].get(cat)), _fmt(measured["category_max"].get(cat)),
+                      _fmt(measured["at_peak"].get(cat))]
+        table.add_row(cat, *cells)
+    totals = [_fmt(est.total) for _, est, _ in rows]
+    if measured:
+        totals += ["", "", _fmt(measured["peak_total"])]
+    table.add_row("[bold]total[/bold]", *totals)
+    return table
+
+
+def _prepare(args: argparse.Namespace, stage: str) -> Any:
+    from memwise import recipe
+    from memwise.runner import Run
+
+    rec = recipe.load(args.recipe, args.overrides, stage=stage)
+    run = Run(rec, stage)
+    run.build()
+    return run
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    run = _prepare(args, "fit")
+    console.print(f"[green]{args.recipe}: valid[/green] ({len(run.recipe.plugins)} plugin(s): "
+                  f"{', '.join(run.recipe.plugin_order) or 'none'})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    run = _prepare(args, "fit")
+    rows = run.estimates(run.ctx.model)
+    run.transform()
+    console.print(_plan_table(run))
+    console.print(_estimate_table(rows))
+    for label, _, note in rows[1:]:
+        if note:
+            console.print(f"  {label}: {note}")
+    console.print("[bold]module changes[/bold]")
+    if not any(run.changes.values()):
+        console.print("  none")
+    for name, changed in run.changes.items():
+        console.print(f"  {name}: {len(changed)} module(s) changed"
+                      + (f", e.g. {', '.join(changed[:4])}" if changed else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from memwise import report
+    from memwise.checkpoint import manifest
+    from memwise.lightning.datamodule import RecipeDataModule
+    from memwise.lightning.module import RecipeModule
+
+    run = _prepare(args, "fit")
+    rows = run.estimates(run.ctx.model)
+    run.transform()
+    trainer = run.make_trainer()
+    run.ctx.trainer = trainer
+    module, datamodule = RecipeModule(run), RecipeDataModule(run)
+    run.ctx.module = module
+    if trainer.is_global_zero:
+        console.print(_plan_table(run))
+    trainer.fit(module, datamodule, ckpt_path=run.cfg.resume)
+    trainer.save_checkpoint(run.checkpoint_path("last"), weights_only=False)
+    try:
+        if not trainer.is_global_zero:
+            return 0
+        folder = run.ctx.report_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        run.host.hook.memwise_on_fit_end(ctx=run.ctx)
+        mem: dict[str, Any] = {"predicted": rows[-1][1].as_dict(),
+                               "predicted_steps": [{"label": lbl, **est.as_dict(), "note": note} for lbl, est, note in rows]}
+        if run.cfg.report.probe_memory:
+            measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
+            mem["measured"] = {**measured.as_dict(), "headline": measured.headline()}
+            console.print(_estimate_table(rows, mem["measured"]))
+            console.print("measured: parameters, gradients and optimizer state after the step; activations "
+                          "saved by the forward pass; temporaries at their own maximum")
+            console.print(f"process peak resident memory: {_fmt(measured.peak_rss)} MiB")
+        summ = report.summary(module.history)
+        summ["manifest"] = manifest(run.recipe.plugins)
+        report.write_recipe(folder, run.recipe.resolved)
+        report.write_metrics(folder, module.history)
+        report.write_json(folder, "memory.json", mem)
+        report.write_json(folder, "summary.json", summ)
+        if run.cfg.report.plots:
+            report.plot(folder, module.history, mem)
+        console.print(f"validation loss {summ['first_val_loss']:.4f} -> {summ['final_val_loss']:.4f} "
+                      f"after {summ['steps']} steps; report in {folder}")
+        return 0
+    finally:
+        for plugin in reversed(run.recipe.plugins):
+            if run.host.implements(plugin, "memwise_teardown"):
+                plugin.memwise_teardown(ctx=run.ctx)
+        run.ctx.run_teardown()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from memwise.checkpoint import safe_load
+
+    run = _prepare(args, "generate")
+    run.transform()
+    ctx, gen = run.ctx, run.cfg.generate
+    if args.max_new_tokens is not None:
+        gen.max_new_tokens = args.max_new_tokens
+    if gen.checkpoint:
+        state = safe_load(gen.checkpoint)["state_dict"]
+        ctx.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    ctx.model.eval()
+    tok = ctx.tokenizer
+    for prompt in args.prompt:
+        ids = torch.tensor([[tok.bos_id, *tok.encode(prompt).tolist()]])
+        ctx.generate_kwargs = {}
+        run.host.hook.memwise_wrap_generation(ctx=ctx)
+        try:
+            with torch.no_grad():
+                out = ctx.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
+                                         temperature=gen.temperature if gen.do_sample else None,
+                                         top_k=gen.top_k if gen.do_sample else None,
+                                         pad_token_id=tok.pad_id, eos_token_id=tok.eod_id, **ctx.generate_kwargs)
+            cache = ctx.generate_kwargs.get("past_key_values")
+        finally:
+            ctx.run_teardown()
+        console.print(f"[bold]{prompt}[/bold]{tok.decode(out[0, ids.shape[1]:].tolist())}")
+        if cache is not None and hasattr(cache, "nbytes"):
+            console.print(f"  KV cache: {cache.nbytes():,} bytes")
+    return 0
+
+
+# --- entry point ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memwise", description="memory-efficient transformer training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list or describe installed plugins")
+    p.add_argument("action", choices=["list", "describe"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("recipes", help="list or show shipped recipes")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_recipes)
+    for name, func, text in (("validate", cmd_validate, "check a recipe, report every problem"),
+                             ("explain", cmd_explain, "predicted memory, plan and module changes; no training"),
+                             ("run", cmd_run, "train a recipe and measure its memory")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
+        p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, e.g. trainer.max_steps=50")
+        p.set_defaults(func=func)
+    p = sub.add_parser("generate", help="generate text with a recipe's model and its generate-stage plugins")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+    _plugin_commands(sub)
+    return parser
+
+
+def _plugin_commands(sub: Any) -> None:
+    """Subcommands that plugins add through the memwise_add_cli_commands hook."""
+    instances = []
+    for name in manager.available():
+        try:
+            instances.append(manager.load(name)())
+        except Exception as err:  # noqa: BLE001 - one broken plugin must not break the CLI
+            warnings.warn(f"plugin '{name}' could not be loaded: {err}", stacklevel=2)
+    if instances:
+        manager.PluginHost(instances).hook.memwise_add_cli_commands(subparsers=sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        return 2
+    except PluginHookError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        return 1
+    except MemwiseError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        return 2 if args.command in ("validate", "explain", "plugins", "recipes") else 1
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

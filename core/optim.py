@@ -1,0 +1,79 @@
+"""Optimizer and LR-schedule registries, with exact optimizer-state byte counts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from memwise.memory import tensor_bytes
+from memwise.schema import option
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam", "sgd"] = option("adamw", "optimizer (registered name)")
+    lr: float = option(3.0e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "decoupled weight decay (adamw) or L2 (adam, sgd)")
+    betas: list[float] = option([0.9, 0.95], "Adam betas")
+    eps: float = option(1.0e-8, "Adam epsilon")
+    momentum: float = option(0.0, "SGD momentum")
+    no_decay_norms_and_biases: bool = option(True, "no weight decay for norms, biases and 1-D parameters")
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["constant", "cosine", "linear"] = option("cosine", "learning-rate schedule")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if cfg.no_decay_norms_and_biases and p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if not any(g["params"] for g in groups):
+        raise ValueError("the model has no trainable parameter: every parameter has requires_grad=False")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def state_bytes(model: torch.nn.Module, cfg: OptimizerConfig) -> int:
+    """Optimizer-state bytes after the first step, exactly as torch allocates them."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name in ("adamw", "adam"):
+        # exp_avg and exp_avg_sq like the parameter, plus a 4-byte fp32 `step` per tensor
+        return 2 * tensor_bytes(trainable) + 4 * len(trainable)
+    if cfg.momentum:
+        return tensor_bytes(trainable)
+    return 0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.name == "constant":
+            return 1.0
+        progress = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,190 @@
+"""A recipe's run: build model and data, apply plugins, train, measure, report."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memwise import memory
+from memwise.context import RunContext, Workload
+from memwise.data.datasets import build_corpus
+from memwise.data.tokens import IGNORE_INDEX
+from memwise.data.windows import WindowDataset, collate
+from memwise.errors import Problem, RecipeError
+from memwise.manager import PluginHost, module_signature
+from memwise.models import build_model
+from memwise.optim import build_optimizer, build_scheduler, state_bytes
+from memwise.recipe import Recipe
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Mean next-token loss over target positions (no attention mask: padding sits at the end
+    of each window, and causal attention never lets a real token see it)."""
+    return model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+
+
+def target_count(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class Run:
+    """Everything one command needs from a recipe, built in the order the hooks expect."""
+
+    def __init__(self, recipe: Recipe, stage: str) -> None:
+        self.recipe = recipe
+        self.cfg = recipe.config
+        self.host = PluginHost(recipe.plugins)
+        data = recipe.data
+        self.ctx = RunContext(stage=stage, plugins=recipe.plugins, recipe=recipe.resolved,
+                              workload=Workload(data.batch_size, data.seq_len, self.cfg.trainer.precision))
+        report = self.cfg.report.dir or f"runs/{self.cfg.name}"
+        self.ctx.report_dir = Path(report)
+        self.baseline_signature: dict[str, str] = {}
+        self.changes: dict[str, list[str]] = {}
+        self._val_batches: list[dict] | None = None
+
+    # --- building -------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Seed, corpus, model, then the plugins' validation (every problem at once)."""
+        import lightning.pytorch as pl
+
+        if self.cfg.trainer.num_threads:
+            torch.set_num_threads(self.cfg.trainer.num_threads)
+        pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        ctx = self.ctx
+        ctx.corpus = build_corpus(self.recipe.data)
+        ctx.tokenizer = ctx.corpus.tokenizer
+        ctx.model = build_model(self.cfg.model, ctx.tokenizer.vocab_size)
+        problems: list[Problem] = []
+        for plugin, found in self.host.each("memwise_validate", ctx=ctx):
+            for p in found or []:
+                problems.append(p if p.key else Problem(f"plugin '{plugin.name}'", p.message))
+        if problems:
+            raise RecipeError(problems, source=self.recipe.source)
+        self.baseline_signature = module_signature(ctx.model)
+
+    def transform(self) -> None:
+        """The plugins' model surgery, in plan order."""
+        self.changes = self.host.transform_model(self.ctx)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The recipe's optimizer, then the plugins' wrapping or replacement."""
+        ctx = self.ctx
+        ctx.optimizer = build_optimizer(ctx.model, self.cfg.optimizer)
+        self.host.hook.memwise_configure_optimizer(ctx=ctx)
+        return ctx.optimizer
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        sched = build_scheduler(optimizer, self.cfg.scheduler, self.cfg.trainer.max_steps)
+        self.ctx.schedulers = [sched]
+        return sched
+
+    def step_context(self) -> contextlib.ExitStack:
+        """The plugins' step contexts, entered in plan order (left in reverse)."""
+        stack = contextlib.ExitStack()
+        for cm in self.host.hook.memwise_step_context(ctx=self.ctx):
+            if cm is not None:
+                stack.enter_context(cm)
+        return stack
+
+    def train_dataset(self) -> WindowDataset:
+        from memwise.data.windows import ConcatChunkDataset
+
+        corpus, data = self.ctx.corpus, self.recipe.data
+        if data.packing == "concat_chunk":
+            return ConcatChunkDataset(corpus.train, data.seq_len)
+        return WindowDataset(corpus.train, data.seq_len, corpus.tokenizer.pad_id, corpus.train_targets)
+
+    def val_batches(self) -> list[dict]:
+        """A fixed validation set: the same windows, in the same order, at every evaluation."""
+        if self._val_batches is None:
+            corpus, data = self.ctx.corpus, self.recipe.data
+            ds = WindowDataset(corpus.val, data.seq_len, corpus.tokenizer.pad_id, corpus.val_targets)
+            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234)).tolist()
+            n = min(len(ds), data.val_batches * data.batch_size)
+            chosen = order[:n]
+            self._val_batches = [collate([ds[i] for i in chosen[j:j + data.batch_size]])
+                                 for j in range(0, n, data.batch_size)]
+        return self._val_batches
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def estimates(self, baseline_model: torch.nn.Module) -> list[tuple[str, memory.MemoryEstimate, str]]:
+        """(label, estimate, note) for the baseline and after each plugin, in plan order."""
+        w = self.ctx.workload
+        base = memory.predict_baseline(baseline_model, state_bytes(baseline_model, self.cfg.optimizer),
+                                       w.batch_size, w.seq_len, w.precision)
+        rows = [("baseline", base, "")]
+        current = base
+        model, self.ctx.model = self.ctx.model, baseline_model
+        try:
+            for plugin, delta in self.host.each("memwise_estimate_memory", ctx=self.ctx, estimate=current):
+                current = current.apply(delta)
+                rows.append((f"+ {plugin.name}", current, getattr(delta, "note", "") if delta else "no change"))
+        finally:
+            self.ctx.model = model
+        return rows
+
+    def probe(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              forward_context: Any = contextlib.nullcontext) -> memory.MemoryReport:
+        """One plain step under MemTracker, outside Lightning; everything it changes is restored."""
+        ctx = self.ctx
+        indices = next(iter(ctx.batch_sampler))
+        batch = ctx.collate_fn([ctx.train_dataset[i] for i in indices])
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        saved_opt = copy.deepcopy(optimizer.state_dict())
+        saved_plugins = {p.name: copy.deepcopy(s) for p, s in self.host.each("memwise_state_dict", ctx=ctx) if s}
+        rng = torch.get_rng_state()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def context() -> contextlib.ExitStack:
+            stack = self.step_context()
+            stack.enter_context(forward_context())
+            return stack
+
+        was_training = model.training
+        model.train()
+        try:
+            report = memory.measure_step(model, optimizer, lambda: causal_lm_loss(model, batch), context,
+                                         external=[batch["input_ids"], batch["labels"]])
+        finally:
+            model.load_state_dict(saved_model)
+            optimizer.load_state_dict(saved_opt)
+            for plugin in self.recipe.plugins:
+                if plugin.name in saved_plugins:
+                    plugin.memwise_load_state_dict(ctx=ctx, state=saved_plugins[plugin.name])
+            torch.set_rng_state(rng)
+            model.train(was_training)
+        return report
+
+    def checkpoint_path(self, step: int | str) -> Path:
+        name = f"step-{step:06d}.ckpt" if isinstance(step, int) else f"{step}.ckpt"
+        return self.ctx.report_dir / "checkpoints" / name
+
+    def make_trainer(self) -> Any:
+        """Lightning Trainer from the recipe's trainer block (manual optimization, our own loop extras)."""
+        import lightning.pytorch as pl
+
+        from memwise.lightning.checkpoint_io import AtomicCheckpointIO
+
+        t = self.cfg.trainer
+        callbacks = []
+        if t.progress_bar:
+            from lightning.pytorch.callbacks import RichProgressBar
+
+            callbacks.append(RichProgressBar(leave=True))
+        return pl.Trainer(
+            max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
+            num_nodes=t.num_nodes, strategy=t.strategy, logger=False, enable_checkpointing=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            use_distributed_sampler=False, enable_progress_bar=t.progress_bar, callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()], max_epochs=-1,
+        )

@@ -1,0 +1,63 @@
+"""The checkpointing plugin: activation recompute per decoder layer, with its estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import memwise
+from memwise import MemoryDelta, Problem, hookimpl, option
+from memwise.memory import llama_layer_activation_bytes
+from memwise.models import decoder_layers
+from memwise_checkpointing.surgery import apply_checkpointing, remove_checkpointing, select_layers
+
+
+class CheckpointingPlugin(memwise.Plugin):
+    """Keep only each chosen layer's input in forward; recompute the rest in backward."""
+
+    name = "checkpointing"
+    summary = "activation checkpointing: recompute decoder layers in backward"
+    phase = "wrap"
+    distribution = "memwise-checkpointing"
+
+    @dataclass
+    class Config:
+        layers: Union[str, list[int]] = option("all", "'all' or a list of decoder-layer indices to recompute")
+
+    def post_init(self) -> None:
+        if isinstance(self.config.layers, str) and self.config.layers != "all":
+            raise memwise.RecipeError([Problem("checkpointing.layers",
+                                               f"must be 'all' or a list of layer indices, got '{self.config.layers}'")])
+
+    def provides(self) -> set[str]:
+        return {"activation.storage"}
+
+    def _count(self, model) -> int:
+        return len(select_layers(model, self.config.layers))
+
+    @hookimpl
+    def memwise_validate(self, ctx) -> list:
+        try:
+            self._count(ctx.model)
+        except (IndexError, ValueError) as err:
+            return [Problem("checkpointing.layers", str(err))]
+        return []
+
+    @hookimpl
+    def memwise_estimate_memory(self, ctx, estimate) -> MemoryDelta:
+        w, config = ctx.workload, ctx.model.config
+        layer = llama_layer_activation_bytes(config, w.batch_size, w.seq_len, w.precision)
+        kept = w.batch_size * w.seq_len * config.hidden_size * ctx.model.model.embed_tokens.weight.element_size()
+        n = self._count(ctx.model)
+        return MemoryDelta(activations=-n * (layer - kept), temporaries=layer,
+                           note=f"{n} of {len(decoder_layers(ctx.model))} layers keep only their input; "
+                                "one layer is recomputed at a time in backward")
+
+    @hookimpl
+    def memwise_transform_model(self, ctx) -> None:
+        for name in apply_checkpointing(ctx.model, self.config.layers):
+            ctx.claims.claim(name, self)
+
+    @hookimpl
+    def memwise_teardown(self, ctx) -> None:
+        remove_checkpointing(ctx.model)
