@@ -103,7 +103,8 @@ class PluginHost:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as err:
-            raise MemwiseError(f"plugin '{err.plugin_name}' implements a hook that memwise does not define: {err}. "
+            name = getattr(getattr(err, "plugin", None), "name", "?")
+            raise MemwiseError(f"plugin '{name}' implements a hook that memwise does not define: {err}. "
                                "Hook names start with 'memwise_' and are listed in docs/hooks.md") from None
 
     @property

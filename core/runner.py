@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,8 @@ class Run:
         from memwise.lightning.checkpoint_io import AtomicCheckpointIO
 
         t = self.cfg.trainer
+        # RecipeDataModule resumes its sampler at the exact batch (skip_to); Lightning cannot see that
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         callbacks = []
         if t.progress_bar:
             from lightning.pytorch.callbacks import RichProgressBar
@@ -188,3 +191,33 @@ class Run:
             use_distributed_sampler=False, enable_progress_bar=t.progress_bar, callbacks=callbacks,
             plugins=[AtomicCheckpointIO()], max_epochs=-1,
         )
+
+    def probe_without_training(self) -> memory.MemoryReport:
+        """Build data and optimizer as a run would and measure one step; no Lightning, no training.
+
+        For tests and benchmarks: the same probe ``memwise run`` takes after training.
+        """
+        from memwise.data.sampler import ShuffledBatchSampler
+
+        ctx, data = self.ctx, self.recipe.data
+        ctx.train_dataset = self.train_dataset()
+        ctx.batch_sampler = ShuffledBatchSampler(len(ctx.train_dataset), data.batch_size, data.seed)
+        ctx.collate_fn = collate
+        self.host.hook.memwise_wrap_train_dataloader(ctx=ctx)
+        optimizer = self.make_optimizer()
+        precision = self.cfg.trainer.precision
+        if precision in ("bf16-mixed", "16-mixed"):
+            dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+            return self.probe(ctx.model, optimizer, lambda: torch.autocast("cpu", dtype=dtype))
+        return self.probe(ctx.model, optimizer)
+
+
+def measure_recipe(path: str, overrides: list[str] | None = None) -> tuple[list, memory.MemoryReport]:
+    """(predicted rows, measured report) for a recipe, without training."""
+    from memwise import recipe
+
+    run = Run(recipe.load(path, overrides or []), "fit")
+    run.build()
+    rows = run.estimates(run.ctx.model)
+    run.transform()
+    return rows, run.probe_without_training()

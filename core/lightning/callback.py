@@ -1,0 +1,152 @@
+"""MemwiseCallback: memwise plugins in a user's own Lightning Trainer.
+
+Several memwise callbacks in one Trainer form one plan: the first one's ``setup``
+gathers every plugin, orders them and checks conflicts; the others defer to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning.pytorch as pl
+
+from memwise import plan
+from memwise.checkpoint import check_manifest, manifest
+from memwise.context import RunContext
+from memwise.errors import MemwiseError, RecipeError
+from memwise.manager import PluginHost
+
+
+class MemwiseCallback(pl.Callback):
+    """Apply plugins to the Trainer's LightningModule: surgery in ``setup``, optimizer
+    replacement in ``on_fit_start``, step contexts around every training batch."""
+
+    def __init__(self, plugins: list) -> None:
+        self.plugins = list(plugins)
+        self.leader: MemwiseCallback | None = None
+        self.host: PluginHost | None = None
+        self.ctx: RunContext | None = None
+        self._step: contextlib.ExitStack | None = None
+        self._transformed = False
+
+    @property
+    def state_key(self) -> str:
+        return f"MemwiseCallback[{','.join(p.name for p in self.plugins)}]"
+
+    def _gather(self, trainer: pl.Trainer) -> None:
+        group = [cb for cb in trainer.callbacks if isinstance(cb, MemwiseCallback)]
+        leader = group[0]
+        for cb in group:
+            cb.leader = leader
+        if self is not leader or self.host is not None:
+            return
+        plugins = [p for cb in group for p in cb.plugins]
+        problems = plan.check(plugins, "fit")
+        ordered, order_problems = plan.order(plugins)
+        if problems or order_problems:
+            raise RecipeError(problems + order_problems, source="MemwiseCallback")
+        self.host = PluginHost(ordered)
+        self.ctx = RunContext(stage="fit", plugins=ordered)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._gather(trainer)
+        if self.leader is not self:
+            return
+        ctx = self.ctx
+        ctx.trainer, ctx.module, ctx.model = trainer, pl_module, pl_module
+        problems = [p for found in self.host.hook.memwise_validate(ctx=ctx) for p in (found or [])]
+        if problems:
+            raise RecipeError(problems, source="MemwiseCallback")
+        if any(True for _ in pl_module.parameters()):  # models built in configure_model: MemwisePrecision
+            self.transform(pl_module)
+
+    def transform(self, module: Any) -> None:
+        """Model surgery once (idempotent across setup and MemwisePrecision.convert_module)."""
+        if self._transformed:
+            return
+        self.ctx.model = module
+        self.host.transform_model(self.ctx)
+        self._transformed = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.leader is not self:
+            return
+        if not self._transformed and any(self.host.implements(p, "memwise_transform_model") for p in self.host.plugins):
+            raise MemwiseError("the model had no parameters at setup (built in configure_model?): add "
+                               "MemwisePrecision(callback) to the Trainer's plugins so that memwise plugins can "
+                               "convert it before the optimizer is created")
+        if not trainer.optimizers:
+            return
+        if len(trainer.optimizers) != 1:
+            raise MemwiseError(f"memwise plugins need exactly one optimizer in callback mode, "
+                               f"the module configured {len(trainer.optimizers)}")
+        ctx = self.ctx
+        old = ctx.optimizer = trainer.optimizers[0]
+        self.host.hook.memwise_configure_optimizer(ctx=ctx)
+        if ctx.optimizer is not old:
+            for group in ctx.optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+            trainer.optimizers = [ctx.optimizer]
+            for config in trainer.lr_scheduler_configs:
+                config.scheduler.optimizer = ctx.optimizer
+        ctx.schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.leader is not self:
+            return
+        self.host.hook.memwise_on_train_batch_start(ctx=self.ctx, batch=batch, batch_idx=batch_idx)
+        stack = contextlib.ExitStack()
+        for cm in self.host.hook.memwise_step_context(ctx=self.ctx):
+            if cm is not None:
+                stack.enter_context(cm)
+        self._step = stack
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.leader is self:
+            self.host.hook.memwise_on_before_optimizer_step(ctx=self.ctx, optimizer=optimizer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.leader is not self:
+            return
+        if self._step is not None:
+            self._step.close()
+            self._step = None
+        self.host.hook.memwise_on_train_batch_end(ctx=self.ctx, outputs=outputs, batch=batch, batch_idx=batch_idx)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.leader is self and trainer.is_global_zero:
+            self.host.hook.memwise_on_fit_end(ctx=self.ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.leader is not self or self.host is None:
+            return {}
+        states = {p.name: s for p, s in self.host.each("memwise_state_dict", ctx=self.ctx) if s is not None}
+        return {"manifest": manifest(self.host.plugins), "plugins": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._pending_state = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = getattr(self, "_pending_state", None)
+        if self.leader is not self or state is None:
+            return
+        check_manifest(state.get("manifest", {}), self.host.plugins)
+        for plugin in self.host.plugins:
+            if plugin.name in state.get("plugins", {}) and self.host.implements(plugin, "memwise_load_state_dict"):
+                plugin.memwise_load_state_dict(ctx=self.ctx, state=state["plugins"][plugin.name])
+        self._pending_state = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.leader is not self or self.host is None:
+            return
+        if self._step is not None:
+            self._step.close()
+        for plugin in reversed(self.host.plugins):
+            if self.host.implements(plugin, "memwise_teardown"):
+                plugin.memwise_teardown(ctx=self.ctx)
+        self.ctx.run_teardown()
+        self._transformed = False
