@@ -94,12 +94,13 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(qualified name, module) of each transformer block, for plugins that act per layer."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no .model.layers: memwise knows decoder models of HF Llama form")
-    prefix = "model.layers" if inner is not model else "layers"
-    return [(f"{prefix}.{i}", layer) for i, layer in enumerate(layers)]
+    """(qualified name, module) of each transformer block, for plugins that act per layer.
 
-
+    The blocks are the first ``ModuleList`` named ``layers`` (HF decoders: ``model.layers``),
+    wherever the model sits inside the module (a user's LightningModule, a PEFT wrapper).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] == "layers":
+            return [(f"{name}.{i}", layer) for i, layer in enumerate(module)]
+    raise ValueError(f"{type(model).__name__} has no decoder layers (a ModuleList named 'layers', as in HF "
+                     "Llama's model.layers)")

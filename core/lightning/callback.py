@@ -32,7 +32,7 @@ class MemwiseCallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return f"MemwiseCallback[{','.join(p.name for p in self.plugins)}]"
+        return "MemwiseCallback[" + ",".join(f"{p.name}{p.config_dict()}" for p in self.plugins) + "]"
 
     def _gather(self, trainer: pl.Trainer) -> None:
         group = [cb for cb in trainer.callbacks if isinstance(cb, MemwiseCallback)]
@@ -53,19 +53,18 @@ class MemwiseCallback(pl.Callback):
         self._gather(trainer)
         if self.leader is not self:
             return
-        ctx = self.ctx
-        ctx.trainer, ctx.module, ctx.model = trainer, pl_module, pl_module
-        problems = [p for found in self.host.hook.memwise_validate(ctx=ctx) for p in (found or [])]
-        if problems:
-            raise RecipeError(problems, source="MemwiseCallback")
+        self.ctx.trainer, self.ctx.module = trainer, pl_module
         if any(True for _ in pl_module.parameters()):  # models built in configure_model: MemwisePrecision
             self.transform(pl_module)
 
     def transform(self, module: Any) -> None:
-        """Model surgery once (idempotent across setup and MemwisePrecision.convert_module)."""
+        """Validation, then model surgery, once (idempotent across setup and MemwisePrecision)."""
         if self._transformed:
             return
         self.ctx.model = module
+        problems = [p for found in self.host.hook.memwise_validate(ctx=self.ctx) for p in (found or [])]
+        if problems:
+            raise RecipeError(problems, source="MemwiseCallback")
         self.host.transform_model(self.ctx)
         self._transformed = True
 

@@ -1,0 +1,106 @@
+"""Plugins as callbacks in a user's own Trainer, and MemwisePrecision for configure_model."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import memwise
+from memwise import hookimpl
+from memwise.errors import MemwiseError, RecipeError
+from memwise.lightning.callback import MemwiseCallback
+from memwise.lightning.precision import MemwisePrecision
+from memwise_checkpointing import CheckpointingPlugin
+
+
+class UserModule(pl.LightningModule):
+    """A user's own module: automatic optimization, a scheduler, the model built eagerly or late."""
+
+    def __init__(self, make_llama, late: bool = False):
+        super().__init__()
+        self.make_llama, self.late = make_llama, late
+        self.net = None if late else make_llama()
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = self.make_llama()
+
+    def training_step(self, batch, batch_idx):
+        return self.net(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.net.parameters(), lr=0.1)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)}
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randint(0, 256, (8, 16)), batch_size=4)
+
+
+def trainer(callbacks, plugins=None, steps=2):
+    return pl.Trainer(max_steps=steps, callbacks=callbacks, plugins=plugins, accelerator="cpu", devices=1,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+
+
+def checkpointed(module):
+    return [getattr(layer, "_memwise_checkpointed", False) for layer in module.net.model.layers]
+
+
+def test_plugin_as_callback_applies_and_tears_down(make_llama):
+    module = UserModule(make_llama)
+    seen = []
+
+    class Spy(memwise.Plugin):
+        name = "spy"
+
+        @hookimpl
+        def memwise_on_train_batch_end(self, ctx, outputs, batch, batch_idx):
+            seen.append(checkpointed(ctx.module))
+
+    trainer([CheckpointingPlugin().as_callback(), Spy().as_callback()]).fit(module)
+    assert seen == [[True, True], [True, True]]
+    assert checkpointed(module) == [False, False]  # teardown undid the surgery
+
+
+def test_callbacks_form_one_plan(make_llama):
+    a, b = CheckpointingPlugin(layers=[0]).as_callback(), CheckpointingPlugin(layers=[1]).as_callback()
+    with pytest.raises(RecipeError, match="listed twice"):
+        trainer([a, b]).fit(UserModule(make_llama))
+
+
+def test_optimizer_replacement_repoints_the_scheduler(make_llama):
+    class Swap(memwise.Plugin):
+        name = "swap"
+
+        @hookimpl
+        def memwise_configure_optimizer(self, ctx):
+            groups = [{"params": g["params"]} for g in ctx.optimizer.param_groups]
+            ctx.optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+
+    module = UserModule(make_llama)
+    t = trainer([Swap().as_callback()])
+    t.fit(module)
+    opt = t.optimizers[0]
+    assert opt.defaults["momentum"] == 0.9 and opt.state  # the new optimizer took the steps
+    assert t.lr_scheduler_configs[0].scheduler.optimizer is opt
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5)  # one epoch: one StepLR step
+
+
+def test_configure_model_needs_memwise_precision(make_llama):
+    cb = CheckpointingPlugin().as_callback()
+    with pytest.raises(MemwiseError, match="MemwisePrecision"):
+        trainer([cb]).fit(UserModule(make_llama, late=True))
+    seen = []
+
+    class Spy(memwise.Plugin):
+        name = "spy"
+
+        @hookimpl
+        def memwise_on_train_batch_start(self, ctx, batch, batch_idx):
+            seen.append(checkpointed(ctx.module))
+
+    cb = MemwiseCallback([CheckpointingPlugin(), Spy()])
+    module = UserModule(make_llama, late=True)
+    trainer([cb], plugins=[MemwisePrecision(cb)]).fit(module)
+    assert seen[0] == [True, True]
