@@ -104,7 +104,9 @@ def _categorise(snap: dict) -> dict[str, int]:
 
 
 def _tracker() -> Any:
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    grad_type = _MemRefType.GRAD
 
     class CategoryPeaks(MemTracker):
         """MemTracker that also keeps each category's own maximum.
@@ -124,6 +126,23 @@ def _tracker() -> Any:
         @_in_ac.setter
         def _in_ac(self, value: bool) -> None:
             pass
+
+        def _track_module_params_and_buffers(self, module: torch.nn.Module,
+                                             install_grad_hooks: bool = True) -> tuple[int, int]:
+            # MemTracker hooks every parameter; frozen ones (adapters, pruned bases) cannot take hooks
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if not install_grad_hooks:
+                return out
+
+            def on_grad(grad: torch.Tensor) -> None:
+                self._update_and_maybe_create_winfos(grad, grad_type)
+
+            for p in module.parameters():
+                if p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                    self._param_to_grad_hook_handles[p] = (
+                        p.register_hook(on_grad),
+                        p.register_post_accumulate_grad_hook(lambda q: on_grad(q.grad)))
+            return out
 
         def _update_snap(self, *args: Any, **kwargs: Any) -> None:
             super()._update_snap(*args, **kwargs)
