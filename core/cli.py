@@ -212,6 +212,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from memwise.checkpoint import safe_load
 
     run = _prepare(args, "generate")
+    if run.recipe.set_aside:
+        console.print(f"training-only plugins not used for generation: {', '.join(run.recipe.set_aside)}")
     run.transform()
     ctx, gen = run.ctx, run.cfg.generate
     if args.max_new_tokens is not None:

@@ -88,6 +88,8 @@ class Recipe:
     resolved: dict
     source: str = ""
     plugin_order: list[str] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)
+    """Training-only plugins left out of a generate command (reported, never silent)."""
 
 
 def shipped_root() -> Path:
@@ -256,13 +258,17 @@ def validate(raw: dict, stage: str, source: str = "") -> Recipe:
         if strategy not in p.strategies:
             problems.append(Problem("trainer.strategy", f"plugin '{p.name}' supports strategies "
                                     f"{', '.join(p.strategies)}, not '{strategy}'"))
+    set_aside = []
+    if stage == "generate":  # the recipe trained with these; generation runs without them
+        set_aside = [p.name for p in plugins if "generate" not in p.stages]
+        plugins = [p for p in plugins if "generate" in p.stages]
     problems += plan.check(plugins, stage)
     ordered, order_problems = plan.order(plugins)
     problems += order_problems
     if problems:
         raise RecipeError(problems, source=source)
     return Recipe(config=config, data=data_cfg, plugins=ordered, resolved=raw, source=source,
-                  plugin_order=[p.name for p in ordered])
+                  plugin_order=[p.name for p in ordered], set_aside=set_aside)
 
 
 def _with_key(index: int, plugin: str, key: str) -> str:

@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmarks: memory tables, interleaved timing, the machine's name."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+from memwise.memory import CATEGORIES
+
+MIB = 2 ** 20
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, {datetime.date.today().isoformat()}"
+
+
+def memory_table(rows: list[tuple[str, dict[str, int]]], baseline: str) -> str:
+    """Markdown: one column per variant (MiB), then each variant's ratio to the baseline."""
+    base = dict(rows)[baseline]
+    head = "| category | " + " | ".join(name for name, _ in rows) + " |"
+    lines = [head, "|---" * (len(rows) + 1) + "|"]
+    for cat in (*CATEGORIES, "total"):
+        cells = []
+        for _, m in rows:
+            value = m.get(cat, sum(m.get(c, 0) for c in CATEGORIES) if cat == "total" else 0)
+            ref = base.get(cat, sum(base.get(c, 0) for c in CATEGORIES) if cat == "total" else 0)
+            ratio = f" ({ref / value:.2f}x)" if value and ref and value != ref else ""
+            cells.append(f"{value / MIB:,.2f}{ratio}")
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, run A B A B ... after warm-up."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
