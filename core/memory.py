@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import resource
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -19,8 +19,8 @@ CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "kv_c
 
 
 @dataclass
-class MemoryEstimate:
-    """Predicted bytes per category."""
+class ByCategory:
+    """Bytes per memory category."""
 
     parameters: int = 0
     gradients: int = 0
@@ -28,31 +28,30 @@ class MemoryEstimate:
     activations: int = 0
     kv_cache: int = 0
     temporaries: int = 0
-
-    def apply(self, delta: MemoryDelta | None) -> MemoryEstimate:
-        if delta is None:
-            return MemoryEstimate(**asdict(self))
-        return MemoryEstimate(**{c: getattr(self, c) + getattr(delta, c) for c in CATEGORIES})
-
-    @property
-    def total(self) -> int:
-        return sum(getattr(self, c) for c in CATEGORIES)
 
     def as_dict(self) -> dict[str, int]:
         return {c: int(getattr(self, c)) for c in CATEGORIES}
 
 
 @dataclass
-class MemoryDelta:
+class MemoryDelta(ByCategory):
     """A plugin's predicted change per category, in signed bytes, with a short reason."""
 
-    parameters: int = 0
-    gradients: int = 0
-    optimizer_state: int = 0
-    activations: int = 0
-    kv_cache: int = 0
-    temporaries: int = 0
     note: str = ""
+
+
+@dataclass
+class MemoryEstimate(ByCategory):
+    """Predicted bytes per category."""
+
+    def apply(self, delta: MemoryDelta | None) -> MemoryEstimate:
+        if delta is None:
+            return MemoryEstimate(**self.as_dict())
+        return MemoryEstimate(**{c: getattr(self, c) + getattr(delta, c) for c in CATEGORIES})
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in CATEGORIES)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
