@@ -148,11 +148,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if note:
             console.print(f"  {label}: {note}")
     console.print("[bold]module changes[/bold]")
-    if not any(run.changes.values()):
-        console.print("  none")
+    if not run.changes:
+        console.print("  no plugin changes the model")
     for name, changed in run.changes.items():
-        console.print(f"  {name}: {len(changed)} module(s) changed"
-                      + (f", e.g. {', '.join(changed[:4])}" if changed else ""))
+        claimed = run.ctx.claims.claims_of(name)
+        console.print(f"  {name}: {len(changed)} module(s) changed, {len(claimed)} claimed"
+                      + (f", e.g. {', '.join((changed or claimed)[:4])}" if changed or claimed else ""))
     return 0
 
 
