@@ -65,3 +65,18 @@ def test_text_files_with_a_local_tokenizer_folder(tmp_path):
     assert doc.tolist() == [1, 3, 4, 5, 7, 6, 2] and corpus.tokenizer.vocab_size == 8
     with pytest.raises(FileNotFoundError, match="matched no readable"):
         build_corpus(TextFilesConfig(builder="text_files", paths=[str(tmp_path / "*.none")]))
+
+
+def test_discovery_imports_no_kernels():
+    """Listing plugins loads every plugin class and must not import triton (DESIGN.md section 1)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from memwise import manager\n"
+            "names = list(manager.available())\n"
+            "[manager.load(n) for n in names]\n"
+            "print(len(names), 'triton' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, imported = proc.stdout.split()
+    assert int(count) >= 1 and imported == "False"
