@@ -132,7 +132,7 @@ def _prepare(args: argparse.Namespace, stage: str) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    run = _prepare(args, "fit")
+    run = _prepare(args, args.stage)
     console.print(f"[green]{args.recipe}: valid[/green] ({len(run.recipe.plugins)} plugin(s): "
                   f"{', '.join(run.recipe.plugin_order) or 'none'})")
     return 0
@@ -235,7 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                          temperature=gen.temperature if gen.do_sample else None,
                                          top_k=gen.top_k if gen.do_sample else None,
                                          pad_token_id=tok.pad_id, eos_token_id=tok.eod_id, **ctx.generate_kwargs)
-            cache = ctx.generate_kwargs.get("past_key_values")
+            cache = ctx.generate_kwargs.get("past_key_values", ctx.generate_kwargs.get("cache"))
         finally:
             ctx.run_teardown()
         console.print(f"[bold]{prompt}[/bold]{tok.decode(out[0, ids.shape[1]:].tolist())}")
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
         p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, e.g. trainer.max_steps=50")
         p.set_defaults(func=func)
+        if name == "validate":
+            p.add_argument("--stage", choices=["fit", "generate"], default="fit",
+                           help="the command the recipe is meant for (run: fit, generate: generate)")
     p = sub.add_parser("generate", help="generate text with a recipe's model and its generate-stage plugins")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
@@ -276,15 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_commands(sub: Any) -> None:
-    """Subcommands that plugins add through the memwise_add_cli_commands hook."""
+    """Subcommands that plugins add through the memwise_add_cli_commands hook.
+
+    A plugin that fails to load or to add its commands is reported and left out, so one
+    broken plugin never breaks the whole command line.
+    """
     instances = []
     for name in manager.available():
         try:
             instances.append(manager.load(name)())
         except Exception as err:  # noqa: BLE001 - one broken plugin must not break the CLI
             warnings.warn(f"plugin '{name}' could not be loaded: {err}", stacklevel=2)
-    if instances:
-        manager.PluginHost(instances).hook.memwise_add_cli_commands(subparsers=sub)
+    host = manager.PluginHost(instances) if instances else None
+    for plugin in instances:
+        if host.implements(plugin, "memwise_add_cli_commands"):
+            try:
+                plugin.memwise_add_cli_commands(subparsers=sub)
+            except Exception as err:  # noqa: BLE001 - reported, the other commands stay usable
+                warnings.warn(f"plugin '{plugin.name}' could not add its commands: {err}", stacklevel=2)
 
 
 def main(argv: list[str] | None = None) -> int:

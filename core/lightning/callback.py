@@ -42,12 +42,13 @@ class MemwiseCallback(pl.Callback):
         if self is not leader or self.host is not None:
             return
         plugins = [p for cb in group for p in cb.plugins]
-        problems = plan.check(plugins, "fit")
+        stage = "generate" if trainer.state.fn == "predict" else "fit"
+        problems = plan.check(plugins, stage)
         ordered, order_problems = plan.order(plugins)
         if problems or order_problems:
             raise RecipeError(problems + order_problems, source="MemwiseCallback")
         self.host = PluginHost(ordered)
-        self.ctx = RunContext(stage="fit", plugins=ordered)
+        self.ctx = RunContext(stage=stage, plugins=ordered)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._gather(trainer)
@@ -117,6 +118,23 @@ class MemwiseCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.leader is self and trainer.is_global_zero:
             self.host.hook.memwise_on_fit_end(ctx=self.ctx)
+
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                               batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Generate-stage plugins install their KV-cache policy for this batch into
+        ``pl_module.generate_kwargs`` (pass them to ``generate`` in ``predict_step``)."""
+        if self.leader is not self or self.host is None:
+            return
+        ctx = self.ctx
+        ctx.model, ctx.module, ctx.trainer = getattr(pl_module, "model", pl_module), pl_module, trainer
+        ctx.generate_kwargs = {}
+        self.host.hook.memwise_wrap_generation(ctx=ctx)
+        pl_module.generate_kwargs = ctx.generate_kwargs
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.leader is self and self.ctx is not None:
+            self.ctx.run_teardown()
 
     def state_dict(self) -> dict[str, Any]:
         if self.leader is not self or self.host is None:

@@ -22,6 +22,7 @@ class RecipeModule(pl.LightningModule):
         self.model = run.ctx.model
         self.history: list[dict[str, Any]] = []
         self.tokens_seen = 0
+        self.targets_seen = 0
         self._pending_rng: dict | None = None
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
@@ -58,14 +59,18 @@ class RecipeModule(pl.LightningModule):
     def _record(self, loss: torch.Tensor, batch: dict, optimizer: Any) -> None:
         world = self.trainer.world_size
         self.tokens_seen += int(batch["input_ids"].numel()) * world
+        self.targets_seen += target_count(batch) * world
         step = int(self.trainer.global_step)
         row = {"step": step, "train_loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
-               "tokens": self.tokens_seen, "seq_len": int(batch["input_ids"].shape[1]),
+               "tokens": self.tokens_seen, "targets": self.targets_seen, "seq_len": int(batch["input_ids"].shape[1]),
                "elapsed_s": round(self._elapsed_before + time.perf_counter() - self._start, 3)}
         every = self.run.cfg.trainer.val_every_n_steps
         if step % every == 0 or step == self.trainer.max_steps:
             row["val_loss"] = self.evaluate()
             self.log("val_loss", row["val_loss"], prog_bar=True, rank_zero_only=True)
+            if not self.run.cfg.trainer.progress_bar and self.trainer.is_global_zero:
+                print(f"step {step}/{self.trainer.max_steps}: train loss {row['train_loss']:.4f}, "
+                      f"validation loss {row['val_loss']:.4f}, {row['elapsed_s']:.0f} s", flush=True)
         self.history.append(row)
         self.log("train_loss", row["train_loss"], prog_bar=True, rank_zero_only=True)
         ckpt_every = self.run.cfg.trainer.checkpoint_every_n_steps
@@ -104,6 +109,7 @@ class RecipeModule(pl.LightningModule):
             "rng": rng_state(),
             "history": [dict(r) for r in self.history],
             "tokens_seen": self.tokens_seen,
+            "targets_seen": self.targets_seen,
             "elapsed_s": self._elapsed_before + time.perf_counter() - self._start,
         }
 
@@ -117,5 +123,6 @@ class RecipeModule(pl.LightningModule):
                 plugin.memwise_load_state_dict(ctx=run.ctx, state=states[plugin.name])
         self.history = list(saved.get("history", []))
         self.tokens_seen = int(saved.get("tokens_seen", 0))
+        self.targets_seen = int(saved.get("targets_seen", 0))
         self._elapsed_before = float(saved.get("elapsed_s", 0.0))
         self._pending_rng = saved.get("rng")
