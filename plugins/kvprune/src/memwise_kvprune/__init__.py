@@ -1,0 +1,12 @@
+"""memwise kvprune: ThinK key-channel pruning with compact storage, StreamingLLM / SnapKV eviction, FP8.
+
+Importing this package loads no transformers internals; they load when a cache is made.
+"""
+
+from memwise_kvprune.api import make_cache, pruned_generation, uninstall
+from memwise_kvprune.bytes import predict_nbytes
+from memwise_kvprune.plugin import KVPrunePlugin
+from memwise_kvprune.specs import FP8, Eviction, ThinK
+
+__all__ = ["FP8", "Eviction", "KVPrunePlugin", "ThinK", "make_cache", "predict_nbytes", "pruned_generation",
+           "uninstall"]

@@ -1,0 +1,79 @@
+"""The attention function that reads the pruned cache directly, and its (un)installation on a model.
+
+Prefill runs exact SDPA on the full prompt, then asks the layer to compress itself with
+the prompt's queries (post-RoPE). Later steps score q[kept channels] against the
+compact keys and q against the full-width window, so keys are never re-expanded.
+Anything that is not a pruned view (training, a plain cache) goes to SDPA unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from memwise_kvprune import compat
+from memwise_kvprune.layer import PrunedLayer, PrunedView, visible_mask
+
+NAME = "memwise_kvprune"
+
+
+def pruned_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, value: Any,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface signature; returns ([B, S, Hq, D], None)."""
+    sdpa = compat.sdpa_forward()
+    if not isinstance(key, PrunedView):
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    layer = key.layer
+    if key.prefill_keys is not None:
+        out = sdpa(module, query, key.prefill_keys, key.prefill_values, attention_mask, dropout=dropout,
+                   scaling=scaling, **kwargs)
+        layer.compress(key, query, attention_mask, scaling)
+        return out
+    return attend(layer, query, attention_mask, scaling), None
+
+
+def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor | None,
+           scaling: float) -> torch.Tensor:
+    """Exact attention over what the layer keeps: [B, S, Hq, D]."""
+    b, hq, s, d = query.shape
+    h = layer.window_k.shape[1]
+    q = query.reshape(b, h, hq // h, s, d)
+    pruned = layer.pruned_keys()
+    if layer.channels is not None:
+        index = layer.channels.long()[:, :, None, None, :].expand(-1, -1, hq // h, s, -1)
+        q_kept = q.gather(-1, index)
+    else:
+        q_kept = q
+    scores = torch.cat([
+        torch.einsum("bhgsc,bhtc->bhgst", q_kept, pruned),
+        torch.einsum("bhgsd,bhtd->bhgst", q, layer.window_k),
+    ], dim=-1).float() * scaling
+    stored = scores.shape[-1]
+    visible = visible_mask(attention_mask, b, s, layer.seen, layer.seen, query.device)  # [B, 1, S, seen]
+    if layer.positions is None:
+        visible = visible[..., :stored]
+    else:
+        pos = layer.positions.long()[:, :, None, :].expand(-1, -1, s, -1)
+        visible = visible.expand(-1, h, -1, -1).gather(-1, pos)
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    probs = scores.softmax(dim=-1).to(layer.dtype)
+    out = torch.einsum("bhgst,bhtd->bhgsd", probs, layer.values_dense())
+    return out.reshape(b, hq, s, d).transpose(1, 2).contiguous()
+
+
+def install(model: torch.nn.Module) -> Callable[[], None]:
+    """Switch ``model`` to the pruned attention; returns the undo (idempotent, restores the old name)."""
+    compat.register_attention(NAME, pruned_attention)
+    previous = compat.attention_implementation(model)
+    if previous == NAME:
+        return lambda: None
+    compat.set_attention_implementation(model, NAME)
+
+    def undo() -> None:
+        compat.set_attention_implementation(model, previous)
+
+    return undo

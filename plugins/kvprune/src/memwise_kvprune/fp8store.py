@@ -1,0 +1,54 @@
+"""FP8 rows with one bf16 scale per token: appendable, since a new token never rescales the past.
+
+The scale is rounded up to bf16 (same range as fp32, half the bytes), so scaled rows never
+exceed the format's maximum and the stored scale is exactly the one used to encode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memwise.kernels.fp8 import fp8_format, quantize
+
+
+@dataclass
+class FP8Rows:
+    """``payload * scale`` approximates the stored rows; payload [..., T, C] fp8, scale [..., T, 1] bf16."""
+
+    payload: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def encode(cls, x: torch.Tensor, fmt_name: str) -> FP8Rows:
+        """Scale each row (last dim) to the format's maximum, round onto the grid in fp32, cast."""
+        fmt = fp8_format(fmt_name)
+        x32 = x.float()
+        exact = (x32.abs().amax(dim=-1, keepdim=True) / fmt.max_value).clamp(min=torch.finfo(torch.bfloat16).tiny)
+        scale = exact.to(torch.bfloat16)
+        scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+        return cls(quantize(x32 / scale.float(), fmt), scale)
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.payload.float() * self.scale.float()).to(dtype)
+
+    def cat(self, other: FP8Rows) -> FP8Rows:
+        """Append ``other``'s tokens (dim -2); fp8 tensors are concatenated through a uint8 view."""
+        payload = torch.cat([self.payload.view(torch.uint8), other.payload.view(torch.uint8)], dim=-2)
+        return FP8Rows(payload.view(self.payload.dtype), torch.cat([self.scale, other.scale], dim=-2))
+
+    def split(self, n: int) -> tuple[FP8Rows, FP8Rows]:
+        """The first ``n`` tokens and the rest."""
+        return (FP8Rows(self.payload[..., :n, :], self.scale[..., :n, :]),
+                FP8Rows(self.payload[..., n:, :], self.scale[..., n:, :]))
+
+    def gather_tokens(self, index: torch.Tensor) -> FP8Rows:
+        """Rows at ``index`` [..., T'] along dim -2."""
+        pi = index.unsqueeze(-1)
+        payload = self.payload.view(torch.uint8).gather(-2, pi.expand(*pi.shape[:-1], self.payload.shape[-1]))
+        return FP8Rows(payload.view(self.payload.dtype), self.scale.gather(-2, pi))
+
+    def nbytes(self) -> int:
+        """Payload (one byte an element) plus scales."""
+        return self.payload.numel() * self.payload.element_size() + self.scale.numel() * self.scale.element_size()

@@ -1,0 +1,99 @@
+"""The memwise plugin: installs a pruned KV cache for ``memwise generate`` and predict."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import memwise
+from memwise import Problem, RecipeError, option
+
+
+class KVPrunePlugin(memwise.Plugin):
+    """KV-cache pruning at generation: ThinK key channels, token eviction, FP8 storage."""
+
+    name = "kvprune"
+    summary = "KV-cache pruning: ThinK key channels (compact), StreamingLLM/SnapKV eviction, FP8 storage"
+    stages = ("generate",)
+    phase = "runtime"
+    distribution = "memwise-kvprune"
+
+    @dataclasses.dataclass
+    class Config:
+        think_ratio: float = option(0.5, "fraction of key channels pruned per KV head (0 keeps all)")
+        think_window: int = option(32, "recent tokens whose keys stay full width")
+        think_observe: int = option(32, "last prompt queries that score the key channels")
+        fold_every: int = option(0, "prune the oldest window tokens every N decoded tokens (0: never)")
+        eviction: Literal["none", "streaming", "snapkv"] = option("none", "token eviction policy at prefill")
+        budget: float = option(0.5, "fraction of the prompt's tokens kept per KV head when evicting")
+        sinks: int = option(4, "streaming: first non-pad tokens always kept")
+        evict_observe: int = option(32, "snapkv: last prompt tokens whose attention votes")
+        kernel: int = option(7, "snapkv: width of the average pooling of votes (odd)")
+        fp8: Literal["none", "e4m3", "e5m2"] = option("none", "FP8 storage of pruned keys and values")
+
+    def post_init(self) -> None:
+        c = self.config
+        problems = []
+        if not 0.0 <= c.think_ratio < 1.0:
+            problems.append(Problem("kvprune.think_ratio", f"must be in [0, 1), got {c.think_ratio}"))
+        for key in ("think_window", "fold_every", "sinks"):
+            if getattr(c, key) < 0:
+                problems.append(Problem(f"kvprune.{key}", f"must be >= 0, got {getattr(c, key)}"))
+        for key in ("think_observe", "evict_observe"):
+            if getattr(c, key) < 1:
+                problems.append(Problem(f"kvprune.{key}", f"must be >= 1, got {getattr(c, key)}"))
+        if not 0.0 < c.budget <= 1.0:
+            problems.append(Problem("kvprune.budget", f"must be in (0, 1], got {c.budget}"))
+        if c.kernel < 1 or c.kernel % 2 == 0:
+            problems.append(Problem("kvprune.kernel", f"must be an odd number >= 1, got {c.kernel}"))
+        if c.eviction == "none" and c.budget != 0.5:
+            problems.append(Problem("kvprune.budget", "is set but eviction is 'none': set eviction to "
+                                    "'streaming' or 'snapkv', or drop budget"))
+        if c.think_ratio == 0 and c.fold_every:
+            problems.append(Problem("kvprune.fold_every", "folds into the ThinK store, but think_ratio is 0"))
+        if problems:
+            raise RecipeError(problems, source="plugin 'kvprune'")
+
+    def provides(self) -> set[str]:
+        return {"kv.cache"}
+
+    def cache_settings(self) -> dict:
+        """The keyword arguments of :func:`memwise_kvprune.make_cache` for this config."""
+        from memwise_kvprune.specs import FP8, Eviction, ThinK
+
+        c = self.config
+        think = ThinK(c.think_ratio, c.think_window, c.think_observe, c.fold_every) if c.think_ratio > 0 else None
+        eviction = None if c.eviction == "none" else Eviction(c.eviction, c.budget, c.sinks, c.evict_observe, c.kernel)
+        fp8 = None if c.fp8 == "none" else FP8(c.fp8)
+        return {"think": think, "eviction": eviction, "fp8": fp8}
+
+    @memwise.hookimpl
+    def memwise_validate(self, ctx: memwise.RunContext) -> list:
+        """The model must dispatch attention through transformers' AttentionInterface."""
+        model = ctx.model
+        if model is None:
+            return []
+        if not callable(getattr(model, "set_attn_implementation", None)) or not hasattr(model, "config"):
+            return [Problem("kvprune", f"needs a transformers model with pluggable attention, got "
+                            f"{type(model).__name__}: build the model with the llama builder")]
+        can_set = getattr(model, "_can_set_attn_implementation", lambda: True)
+        if not can_set():
+            return [Problem("kvprune", f"{type(model).__name__} does not dispatch attention through "
+                            "AttentionInterface, so the pruned cache cannot be read: use a model that does")]
+        return []
+
+    def predict_callback(self) -> object:
+        """A Lightning callback giving each predict batch a fresh pruned cache (``pl_module.generate_kwargs``)."""
+        from memwise_kvprune.callback import KVPruneCallback
+
+        return KVPruneCallback(self)
+
+    @memwise.hookimpl
+    def memwise_wrap_generation(self, ctx: memwise.RunContext) -> None:
+        from memwise_kvprune.api import make_cache
+        from memwise_kvprune.attention import install
+
+        ctx.on_teardown(install(ctx.model))
+        cache = make_cache(ctx.model, install=False, **self.cache_settings())
+        ctx.generate_kwargs["past_key_values"] = cache
+        ctx.shared.setdefault("kvprune", {})["cache"] = cache

@@ -1,0 +1,64 @@
+"""What to prune: plain settings for ThinK, token eviction and FP8 storage (no heavy imports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ThinK:
+    """Key-channel pruning: keep the top ``1 - ratio`` channels per KV head, scored at prefill.
+
+    ``window`` recent tokens keep full-width keys; with ``fold_every > 0`` the oldest
+    ``fold_every`` window tokens are pruned once the window holds ``window + fold_every``,
+    so long generations save memory too.
+    """
+
+    ratio: float = 0.5
+    window: int = 32
+    observe: int = 32
+    fold_every: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ThinK ratio must be in [0, 1), got {self.ratio}")
+        if self.window < 0 or self.observe < 1 or self.fold_every < 0:
+            raise ValueError("ThinK window and fold_every must be >= 0 and observe >= 1")
+
+    def kept_channels(self, head_dim: int) -> int:
+        """Channels kept per head: D - floor(D * ratio)."""
+        return head_dim - int(head_dim * self.ratio)
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """Token eviction at prefill; ``budget`` is the fraction of the prompt's tokens kept per KV head.
+
+    The budget counts the whole prompt (sinks and windows included). ``streaming`` keeps
+    ``sinks`` first non-pad tokens plus the most recent ones; ``snapkv`` keeps the
+    ``observe`` last tokens plus the prefix tokens the observation window attends to most
+    (scores summed over the window and the query heads of a group, average-pooled with
+    ``kernel``).
+    """
+
+    policy: Literal["streaming", "snapkv"] = "snapkv"
+    budget: float = 0.5
+    sinks: int = 4
+    observe: int = 32
+    kernel: int = 7
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("streaming", "snapkv"):
+            raise ValueError(f"eviction policy must be 'streaming' or 'snapkv', got {self.policy!r}")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"eviction budget must be in (0, 1], got {self.budget}")
+        if self.sinks < 0 or self.observe < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError("eviction sinks >= 0, observe >= 1 and an odd kernel >= 1 are required")
+
+
+@dataclass(frozen=True)
+class FP8:
+    """FP8 storage of pruned keys and all values, one fp32 scale per token and KV head."""
+
+    format: Literal["e4m3", "e5m2"] = "e4m3"
