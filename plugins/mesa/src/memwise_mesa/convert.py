@@ -1,0 +1,202 @@
+"""``apply_mesa``: find the layers Mesa covers, swap them, attach running-range quantizers.
+
+Covered kinds: ``linear`` (input), ``norm`` (LayerNorm/RMSNorm input), ``activation``
+(GELU/SiLU input), ``glu`` (the SwiGLU product of a gate/up/down MLP) and ``attention``
+(q, k, v of HF attention run through SDPA). Names are matched with ``fnmatch`` against
+``include`` and ``exclude`` (the reference's policy, as recipe keys). Idempotent.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from memwise.errors import NoEffectWarning
+from memwise_mesa import attention, layers
+from memwise_mesa.quantizer import RangeQuantizer, channel_groups
+
+KINDS = ("linear", "norm", "activation", "glu", "attention")
+_ACTIVATIONS = ("SiLU", "GELU", "SiLUActivation", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation",
+                "FastGELUActivation", "QuickGELUActivation", "AccurateGELUActivation")
+
+
+@dataclass
+class QuantizerSpec:
+    """One quantizer to attach: attribute name, layout and group count (None: sized on first use)."""
+
+    attr: str
+    layout: str
+    groups: int | None
+
+
+@dataclass
+class Conversion:
+    name: str
+    kind: str
+    quantizers: list[QuantizerSpec]
+
+
+@dataclass
+class MesaReport:
+    """What ``apply_mesa`` did: converted modules by kind, and those already converted."""
+
+    converted: dict[str, str] = field(default_factory=dict)
+    already: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for kind in self.converted.values():
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+
+def _kind(module: nn.Module) -> str | None:
+    if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return "glu"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "head_dim")) and hasattr(module, "config"):
+        return "attention"
+    cls = type(module).__name__
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or (cls.endswith(("RMSNorm", "LayerNorm")) and
+                                                          isinstance(getattr(module, "weight", None), nn.Parameter)):
+        return "norm"
+    if cls in _ACTIVATIONS and not any(True for _ in module.parameters()):
+        return "activation"
+    return None
+
+
+def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    return any(fnmatch(name, p) for p in include) and not any(fnmatch(name, p) for p in exclude)
+
+
+def _norm_width(module: nn.Module) -> int:
+    return int(module.weight.shape[-1])
+
+
+def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+              kinds: Sequence[str] = KINDS, groups: int = 8) -> tuple[list[Conversion], MesaReport]:
+    """The conversions ``apply_mesa`` would make, without touching ``model``."""
+    report = MesaReport()
+    plan: list[Conversion] = []
+    glu_children: set[str] = set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        kind = _kind(module)
+        if kind is None:
+            continue
+        if layers.is_converted(module):
+            report.already.append(name)
+            if kind == "glu":
+                glu_children.add(f"{name}.act_fn")
+            continue
+        if kind not in kinds:
+            report.skipped[name] = f"kind '{kind}' not in layers"
+            continue
+        if not _selected(name, include, exclude):
+            report.skipped[name] = "excluded by include/exclude"
+            continue
+        if kind == "activation" and name in glu_children:
+            continue
+        if kind == "linear":
+            specs = [QuantizerSpec("mesa_input", "channel", channel_groups(module.in_features, groups))]
+        elif kind == "norm":
+            specs = [QuantizerSpec("mesa_input", "channel", channel_groups(_norm_width(module), groups))]
+        elif kind == "activation":
+            specs = [QuantizerSpec("mesa_input", "channel", None)]
+        elif kind == "glu":
+            width = channel_groups(module.gate_proj.out_features, groups)
+            specs = [QuantizerSpec("mesa_gate", "channel", width), QuantizerSpec("mesa_up", "channel", width)]
+            glu_children.add(f"{name}.act_fn")
+        else:
+            impl = getattr(module.config, "_attn_implementation", None)
+            if impl not in ("sdpa", attention.IMPLEMENTATION):
+                report.skipped[name] = (f"attention implementation '{impl}' is not sdpa; only SDPA attention is "
+                                        "converted (use generic: true for explicit attention)")
+                continue
+            heads = module.q_proj.out_features // module.head_dim
+            kv_heads = module.k_proj.out_features // module.head_dim
+            specs = [QuantizerSpec("mesa_query", "head", heads), QuantizerSpec("mesa_key", "head", kv_heads),
+                     QuantizerSpec("mesa_value", "head", kv_heads)]
+        plan.append(Conversion(name, kind, specs))
+        report.converted[name] = kind
+    return plan, report
+
+
+_MIXINS = {"linear": layers.MesaLinearMixin, "norm": layers.MesaRecomputeMixin,
+           "activation": layers.MesaRecomputeMixin, "glu": layers.MesaGatedMLPMixin}
+
+
+def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+               kinds: Sequence[str] = KINDS, groups: int = 8, decay: float = 0.9,
+               stochastic: bool = True) -> MesaReport:
+    """Convert ``model`` in place so that the covered layers save 8-bit activations.
+
+    ``include``/``exclude``: fnmatch patterns on module names (``"*lm_head"``,
+    ``"model.layers.0.*"``). ``groups``: channel groups per non-attention tensor
+    (a divisor of the width is used). Warns ``NoEffectWarning`` when nothing changes.
+    """
+    if bits != 8:
+        raise ValueError(f"bits={bits}: only 8-bit storage is implemented")
+    plan, report = plan_mesa(model, include, exclude, kinds, groups)
+    modules = dict(model.named_modules())
+    attention_used = False
+    for conv in plan:
+        module = modules[conv.name]
+        device = next((t.device for t in module.parameters()), None)
+        for spec in conv.quantizers:
+            q = RangeQuantizer(spec.layout, spec.groups, decay=decay, bits=bits, stochastic=stochastic,
+                               wanted_groups=groups)
+            module.add_module(spec.attr, q.to(device) if device is not None else q)
+        if conv.kind == "attention":
+            attention_used = True
+        else:
+            layers.swap_class(module, _MIXINS[conv.kind])
+    if attention_used:
+        attention.set_implementation(model, attention.register())
+    if not plan:
+        warnings.warn(f"apply_mesa converted nothing (already converted: {len(report.already)}, "
+                      f"skipped: {len(report.skipped)})", NoEffectWarning, stacklevel=2)
+    return report
+
+
+def revert_mesa(model: nn.Module) -> None:
+    """Undo ``apply_mesa``: original classes, no quantizers, SDPA attention."""
+    reset_attention = False
+    for module in model.modules():
+        if "mesa_query" in module._modules:
+            reset_attention = True
+        if layers.is_converted(module):
+            layers.restore_class(module)
+    if reset_attention:
+        attention.set_implementation(model, "sdpa")
+
+
+def quantizers(model: nn.Module) -> dict[str, RangeQuantizer]:
+    """Every running-range quantizer of a converted model, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, RangeQuantizer)}
+
+
+def ranges_state_dict(model: nn.Module) -> dict[str, dict]:
+    """The running ranges as plain tensors (loads with ``torch.load(weights_only=True)``)."""
+    return {n: {"alpha": q.alpha.detach().cpu().clone(), "beta": q.beta.detach().cpu().clone(),
+                "steps": int(q.steps)} for n, q in quantizers(model).items()}
+
+
+def load_ranges_state_dict(model: nn.Module, state: dict[str, dict]) -> None:
+    """Restore ``ranges_state_dict``; every quantizer of the model must be present in ``state``."""
+    found = quantizers(model)
+    missing = sorted(set(found) - set(state))
+    unexpected = sorted(set(state) - set(found))
+    if missing or unexpected:
+        raise KeyError(f"Mesa ranges do not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for name, q in found.items():
+        q.load_state_dict({"alpha": state[name]["alpha"], "beta": state[name]["beta"],
+                           "steps": torch.tensor(int(state[name]["steps"]), dtype=torch.int64)})

@@ -1,0 +1,106 @@
+"""Autograd functions whose forward is the exact baseline computation and whose saved
+activations are 8-bit packed tensors.
+
+``MesaLinearFn`` computes the linear backward directly from the dequantized input.
+``RecomputeFn`` serves norms, activations, the SwiGLU product and attention: it keeps
+only its packed inputs and, in backward, re-runs the same forward on the dequantized
+inputs and backpropagates through it (autocast state and, when asked, RNG state replayed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from memwise_mesa.packed import PackedTensor
+from memwise_mesa.quantizer import unpack
+
+Packer = Callable[[torch.Tensor], PackedTensor]
+
+
+class MesaLinearFn(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` saving ``x`` in 8 bits (the weight is kept as is)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                packer: Packer) -> torch.Tensor:
+        out = F.linear(x.to(weight.dtype), weight, bias)
+        ctx.packed = packer(x) if ctx.needs_input_grad[1] else None
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).to(ctx.x_dtype)
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            x_hat = unpack(ctx.packed, weight.dtype)
+            grad_w = flat.t() @ x_hat.reshape(-1, x_hat.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class RecomputeFn(torch.autograd.Function):
+    """``fn(*inputs)`` saving only 8-bit ``inputs``; backward recomputes ``fn`` on them.
+
+    ``params`` are the parameters ``fn`` reads (so their gradients are routed back);
+    ``fn`` must be a deterministic function of inputs and params, or ``keep_rng`` must be
+    set so the forward's RNG state is replayed (attention dropout).
+    """
+
+    @staticmethod
+    def forward(ctx, fn: Callable, packers: Sequence[Packer], keep_rng: bool, n_inputs: int,  # type: ignore[override]
+                *tensors: torch.Tensor) -> torch.Tensor:
+        inputs, params = tensors[:n_inputs], tensors[n_inputs:]
+        device = inputs[0].device
+        ctx.fn = fn
+        ctx.autocast = _autocast_state(device.type)
+        ctx.device = device
+        ctx.rng = None
+        if keep_rng:
+            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        out = fn(*inputs)
+        ctx.packed = [pack(x) for pack, x in zip(packers, inputs)]
+        ctx.dtypes = [x.dtype for x in inputs]
+        ctx.save_for_backward(*params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        params = ctx.saved_tensors
+        needs = ctx.needs_input_grad[4:]
+        xs = [unpack(p, dt).requires_grad_(bool(n)) for p, dt, n in zip(ctx.packed, ctx.dtypes, needs)]
+        rng_ctx = contextlib.nullcontext()
+        if ctx.rng is not None:
+            devices = [ctx.device] if ctx.device.type == "cuda" else []
+            rng_ctx = torch.random.fork_rng(devices=devices)
+        device_type, enabled, dtype = ctx.autocast
+        with rng_ctx, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
+                torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if ctx.rng[1] is not None:
+                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            out = ctx.fn(*xs)
+        targets = [t for t, n in zip(list(xs) + list(params), needs) if n]
+        found = iter(torch.autograd.grad(out, targets, grad, allow_unused=True))
+        grads = [next(found) if n else None for n in needs]
+        return (None, None, None, None, *grads)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    """Identity hook: shields the recompute from any outer saved-tensor hooks (generic mode)."""
+    return t

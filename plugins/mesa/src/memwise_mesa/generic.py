@@ -1,0 +1,61 @@
+"""Generic Mesa for any model: every saved activation the layer rules did not reach, in 8 bits.
+
+Built on ``torch.autograd.graph.saved_tensors_hooks``. There is no stable module to own
+running ranges here, so each saved tensor is packed with its own exact per-group range
+(min/max of this tensor: 4-D tensors one group per head, others channel groups).
+Parameters, casts of parameters, small and non-float tensors are kept as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from memwise_mesa.packed import PackedTensor
+from memwise_mesa.quantizer import channel_groups, group_min_max, group_view, pack_with_range, unpack
+
+_CASTS = ("ToCopyBackward0", "_ToCopyBackward0")
+
+
+def _skip(t: torch.Tensor, min_numel: int) -> bool:
+    if not t.is_floating_point() or t.numel() < min_numel or isinstance(t, nn.Parameter):
+        return True
+    return t.grad_fn is not None and type(t.grad_fn).__name__ in _CASTS and t.grad_fn.next_functions and \
+        type(t.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+
+
+def pack_dynamic(x: torch.Tensor, groups: int = 8, stochastic: bool = True) -> PackedTensor:
+    """``x`` in 8 bits with its own per-group min/max as range."""
+    x = x.detach().contiguous()
+    layout = "head" if x.dim() == 4 else "channel"
+    n = x.shape[1] if layout == "head" else channel_groups(x.shape[-1], groups)
+    g, inner = group_view(x.shape, layout, n)
+    lo, hi = group_min_max(x, g, inner)
+    return pack_with_range(x, hi - lo, lo, layout, n, 8, stochastic)
+
+
+@contextlib.contextmanager
+def generic_mesa(min_numel: int = 4096, groups: int = 8, stochastic: bool = True) -> Iterator[None]:
+    """Within this context, saved floating tensors of at least ``min_numel`` elements are 8-bit."""
+    packed_by_id: dict[int, tuple[weakref.ref, int, PackedTensor]] = {}
+
+    def pack(t: torch.Tensor) -> object:
+        if _skip(t, min_numel):
+            return t
+        hit = packed_by_id.get(id(t))
+        if hit is not None and hit[0]() is t and hit[1] == t._version:
+            return hit[2]
+        p = pack_dynamic(t, groups, stochastic)
+        key = id(t)
+        packed_by_id[key] = (weakref.ref(t, lambda r: packed_by_id.pop(key, None)), t._version, p)
+        return p
+
+    def unpack_hook(obj: object) -> torch.Tensor:
+        return unpack(obj) if isinstance(obj, PackedTensor) else obj
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack_hook):
+        yield

@@ -1,0 +1,124 @@
+"""MesaPlugin: the memwise plugin around ``apply_mesa`` (phase replace, provides activation.storage)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import memwise
+from memwise import MemoryDelta, Problem, RecipeError, option
+from memwise_mesa.convert import KINDS
+
+
+class MesaPlugin(memwise.Plugin):
+    """8-bit saved activations with per-group ranges learned by running estimates (Mesa).
+
+    State: the running ranges are buffers of the converted model (``*.mesa_*.alpha``,
+    ``beta``, ``steps``), so any model checkpoint carries them; ``memwise_state_dict``
+    returns the same values and, being loaded after the model, is authoritative.
+    """
+
+    name = "mesa"
+    summary = "8-bit saved activations with head-wise/channel-group ranges learned by running estimates"
+    stages = ("fit",)
+    phase = "replace"
+    distribution = "memwise-mesa"
+    required_on_load = True
+
+    @dataclasses.dataclass
+    class Config:
+        bits: int = option(8, "bits per saved activation value (only 8 is implemented)")
+        decay: float = option(0.9, "running-range momentum: range <- decay * range + (1 - decay) * batch range")
+        groups: int = option(8, "channel groups per non-attention tensor (a divisor of the width is used)")
+        stochastic: bool = option(True, "stochastic rounding (unbiased); false rounds to nearest")
+        include: list[str] = option(["*"], "fnmatch patterns of module names to convert")
+        exclude: list[str] = option([], "fnmatch patterns of module names to leave alone, e.g. '*lm_head'")
+        layers: list[str] = option(list(KINDS), "layer kinds to convert: linear, norm, activation, glu, attention")
+        generic: bool = option(False, "also pack every other saved activation with saved-tensor hooks")
+        generic_min_numel: int = option(4096, "generic mode leaves saved tensors smaller than this alone")
+
+    def post_init(self) -> None:
+        c = self.config
+        problems = []
+        if c.bits != 8:
+            problems.append(Problem("mesa.bits", f"got {c.bits}; only 8-bit storage is implemented: set bits: 8"))
+        if not 0.0 <= c.decay < 1.0:
+            problems.append(Problem("mesa.decay", f"got {c.decay}; use a momentum in [0, 1), e.g. 0.9"))
+        if c.groups < 1:
+            problems.append(Problem("mesa.groups", f"got {c.groups}; use a positive number of channel groups"))
+        unknown = [k for k in c.layers if k not in KINDS]
+        if unknown:
+            problems.append(Problem("mesa.layers", f"unknown kinds {unknown}; choose from {', '.join(KINDS)}"))
+        if c.generic_min_numel < 1:
+            problems.append(Problem("mesa.generic_min_numel", f"got {c.generic_min_numel}; use 1 or more"))
+        if problems:
+            raise RecipeError(problems)
+
+    def provides(self) -> set[str]:
+        return {"activation.storage"}
+
+    def _plan(self, model: Any) -> tuple[list, Any]:
+        from memwise_mesa.convert import plan_mesa
+
+        c = self.config
+        return plan_mesa(model, c.include, c.exclude, c.layers, c.groups)
+
+    @memwise.hookimpl
+    def memwise_validate(self, ctx: Any) -> list:
+        if ctx.model is None:
+            return []
+        plan, report = self._plan(ctx.model)
+        if not plan and not report.already and not self.config.generic:
+            return [Problem("mesa.include", f"include {self.config.include} / exclude {self.config.exclude} / "
+                                            f"layers {self.config.layers} select no convertible module; widen "
+                                            "them or set generic: true")]
+        return []
+
+    @memwise.hookimpl
+    def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
+        from memwise_mesa.estimate import mesa_delta
+
+        plan, _ = self._plan(ctx.model)
+        w = ctx.workload
+        act_bytes = w.activation_dtype.itemsize
+        return mesa_delta(ctx.model, plan, self.config.groups, w.batch_size, w.seq_len, act_bytes,
+                          mixed="mixed" in w.precision)
+
+    @memwise.hookimpl
+    def memwise_transform_model(self, ctx: Any) -> None:
+        from memwise_mesa.convert import apply_mesa
+
+        c = self.config
+        plan, _ = self._plan(ctx.model)
+        for conv in plan:
+            ctx.claims.claim(conv.name, self)
+        report = apply_mesa(ctx.model, c.bits, c.include, c.exclude, c.layers, c.groups, c.decay, c.stochastic)
+        ctx.shared["mesa"] = {"converted": report.counts()}
+
+    @memwise.hookimpl
+    def memwise_step_context(self, ctx: Any) -> Any:
+        if not self.config.generic:
+            return None
+        from memwise_mesa.generic import generic_mesa
+
+        c = self.config
+        return generic_mesa(c.generic_min_numel, c.groups, c.stochastic)
+
+    @memwise.hookimpl
+    def memwise_state_dict(self, ctx: Any) -> dict:
+        from memwise_mesa.convert import ranges_state_dict
+
+        return {"ranges": ranges_state_dict(ctx.model)}
+
+    @memwise.hookimpl
+    def memwise_load_state_dict(self, ctx: Any, state: dict) -> None:
+        from memwise_mesa.convert import load_ranges_state_dict
+
+        load_ranges_state_dict(ctx.model, state["ranges"])
+
+    @memwise.hookimpl
+    def memwise_teardown(self, ctx: Any) -> None:
+        from memwise_mesa.convert import revert_mesa
+
+        if ctx.model is not None:
+            revert_mesa(ctx.model)

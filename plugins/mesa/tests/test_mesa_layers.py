@@ -1,0 +1,169 @@
+"""Converted layers on a small HF Llama: exact forward, gradients at >= 30 dB SNR, shared
+quantization, SDPA attention kept, idempotence, include/exclude, autocast, generic mode."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import memwise
+from memwise_mesa import apply_mesa, generic_mesa, revert_mesa
+from memwise_mesa.layers import MesaLinearMixin
+
+
+def llama(layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=260, use_cache=False)
+    return LlamaForCausalLM(cfg)
+
+
+def batch() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(0, 260, (4, 48))
+
+
+def loss_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def snr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - got).pow(2).sum()))
+
+
+def test_forward_is_exact_and_gradients_within_30_db():
+    base = llama()
+    mesa = copy.deepcopy(base)
+    report = apply_mesa(mesa)
+    assert report.counts() == {"norm": 5, "linear": 15, "attention": 2, "glu": 2}
+    x = batch()
+    lb, gb = loss_and_grads(base, x)
+    lm, gm = loss_and_grads(mesa, x)
+    assert torch.equal(lb, lm)
+    assert snr_db(gb, gm) >= 30
+
+
+def test_attention_stays_sdpa_and_never_eager(monkeypatch):
+    import transformers.models.llama.modeling_llama as llama_mod
+
+    def no_eager(*args, **kwargs):
+        raise AssertionError("eager attention was used")
+
+    monkeypatch.setattr(llama_mod, "eager_attention_forward", no_eager)
+    model = llama()
+    apply_mesa(model)
+    assert model.config._attn_implementation == "memwise_mesa_sdpa"
+    loss_and_grads(model, batch())
+    assert int(model.model.layers[0].self_attn.mesa_query.steps) == 1
+    assert model.model.layers[0].self_attn.mesa_query.groups == 4
+    assert model.model.layers[0].self_attn.mesa_key.groups == 2
+
+
+def test_one_packed_copy_for_a_tensor_saved_by_q_k_and_v():
+    model = llama(1)
+    apply_mesa(model)
+    out = model.model(input_ids=batch()).last_hidden_state
+    packed = []
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "MesaLinearFnBackward" and fn.packed.shape[-1] == 64:
+            packed.append(fn.packed)
+        stack += [n for n, _ in fn.next_functions]
+    # q, k, v share the input_layernorm output; gate, up share post_attention_layernorm's; o_proj has its own
+    assert len(packed) == 6
+    assert len({id(p) for p in packed}) == 3
+
+
+def test_idempotent_include_exclude_and_revert():
+    model = llama()
+    names = [n for n, _ in model.named_parameters()]
+    apply_mesa(model, exclude=["*lm_head", "model.layers.1.*"])
+    assert not isinstance(model.lm_head, MesaLinearMixin)
+    assert not isinstance(model.model.layers[1].mlp.down_proj, MesaLinearMixin)
+    assert isinstance(model.model.layers[0].mlp.down_proj, MesaLinearMixin)
+    with pytest.warns(memwise.NoEffectWarning):
+        apply_mesa(model, exclude=["*lm_head", "model.layers.1.*"])
+    report = apply_mesa(model, include=["model.layers.1.*"])
+    assert all(n.startswith("model.layers.1.") for n in report.converted)
+    assert [n for n, _ in model.named_parameters()] == names
+    revert_mesa(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("mesa_" in k for k in model.state_dict())
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+def test_bf16_autocast_and_bf16_weights_train():
+    x = batch()
+    for precision in ("autocast", "bf16"):
+        base = llama()
+        if precision == "bf16":
+            base = base.to(torch.bfloat16)
+        mesa = copy.deepcopy(base)
+        apply_mesa(mesa)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            lb, gb = loss_and_grads(base, x)
+            lm, gm = loss_and_grads(mesa, x)
+        assert torch.equal(lb, lm)
+        assert snr_db(gb.float(), gm.float()) >= 25  # bf16 gradients themselves carry about 8 bits
+
+
+def test_generic_mode_packs_tensors_of_explicit_attention():
+    class ExplicitAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(32, 96)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 4, 8).permute(2, 0, 3, 1, 4)
+            attn = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+            return (attn @ v).transpose(1, 2).reshape(x.shape)
+
+    torch.manual_seed(0)
+    model = ExplicitAttention()
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    model(x).pow(2).sum().backward()
+    ref = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in model.parameters()])
+    x.grad = None
+    model.zero_grad()
+    with generic_mesa(min_numel=1024):
+        out = model(x)
+    out.pow(2).sum().backward()
+    got = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in model.parameters()])
+    assert snr_db(ref, got) >= 25
+
+
+def test_frozen_linear_weight_saves_no_input():
+    model = llama(1)
+    apply_mesa(model)
+    model.requires_grad_(False)
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.model(input_ids=batch()).last_hidden_state
+    out.sum().backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_attention_dropout_is_replayed_in_backward():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=260, use_cache=False, attention_dropout=0.2)
+    base = LlamaForCausalLM(cfg)
+    mesa = copy.deepcopy(base)
+    apply_mesa(mesa, stochastic=False)  # no random draws in packing: both runs see the same dropout masks
+    x = batch()
+    torch.manual_seed(7)
+    lb, gb = loss_and_grads(base, x)
+    torch.manual_seed(7)
+    lm, gm = loss_and_grads(mesa, x)
+    assert torch.equal(lb, lm)
+    assert snr_db(gb, gm) >= 30
