@@ -125,7 +125,7 @@ class PluginHost:
         """Run model surgery plugin by plugin; warn for each that changed nothing."""
         changes: dict[str, list[str]] = {}
         for p in self.plugins:
-            if not self.implements(p, "memwise_transform_model"):
+            if not self.implements(p, "memwise_transform_model") or not p.transforms_model():
                 continue
             before = module_signature(ctx.model)
             claimed = len(ctx.claims.claims_of(p.name))

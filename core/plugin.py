@@ -94,6 +94,11 @@ class Plugin:
         """Capabilities another plugin must provide for this one to work."""
         return set()
 
+    def transforms_model(self) -> bool:
+        """False when this config asks for no model surgery: the core then skips
+        ``memwise_transform_model`` and its no-effect warning."""
+        return True
+
     def config_dict(self) -> dict:
         """The resolved config as a plain dict (manifests, reports)."""
         return as_dict(self.config)

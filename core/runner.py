@@ -192,10 +192,12 @@ class Run:
             plugins=[AtomicCheckpointIO()], max_epochs=-1,
         )
 
-    def probe_without_training(self) -> memory.MemoryReport:
+    def probe_without_training(self, warm: bool = True) -> memory.MemoryReport:
         """Build data and optimizer as a run would and measure one step; no Lightning, no training.
 
-        For tests and benchmarks: the same probe ``memwise run`` takes after training.
+        For tests and benchmarks: the same probe ``memwise run`` takes after training. With
+        ``warm``, one unmeasured step first creates the optimizer state, so that it is live at
+        the measured peak as in a running job.
         """
         from memwise.data.sampler import ShuffledBatchSampler
 
@@ -206,13 +208,21 @@ class Run:
         self.host.hook.memwise_wrap_train_dataloader(ctx=ctx)
         optimizer = self.make_optimizer()
         precision = self.cfg.trainer.precision
+        autocast = contextlib.nullcontext
         if precision in ("bf16-mixed", "16-mixed"):
             dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-            return self.probe(ctx.model, optimizer, lambda: torch.autocast("cpu", dtype=dtype))
-        return self.probe(ctx.model, optimizer)
+            autocast = lambda: torch.autocast("cpu", dtype=dtype)  # noqa: E731
+        if warm:
+            batch = ctx.collate_fn([ctx.train_dataset[i] for i in next(iter(ctx.batch_sampler))])
+            with self.step_context(), autocast():
+                causal_lm_loss(ctx.model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return self.probe(ctx.model, optimizer, autocast)
 
 
-def measure_recipe(path: str, overrides: list[str] | None = None) -> tuple[list, memory.MemoryReport]:
+def measure_recipe(path: str, overrides: list[str] | None = None,
+                   warm: bool = True) -> tuple[list, memory.MemoryReport]:
     """(predicted rows, measured report) for a recipe, without training."""
     from memwise import recipe
 
@@ -220,4 +230,4 @@ def measure_recipe(path: str, overrides: list[str] | None = None) -> tuple[list,
     run.build()
     rows = run.estimates(run.ctx.model)
     run.transform()
-    return rows, run.probe_without_training()
+    return rows, run.probe_without_training(warm)

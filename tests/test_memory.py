@@ -21,7 +21,7 @@ def check_prediction(rows, report):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_tiny_prediction(precision):
-    rows, report = measure_recipe("base/tiny", FAST + [f"trainer.precision={precision}"])
+    rows, report = measure_recipe("base/tiny", FAST + [f"trainer.precision={precision}"], warm=False)
     check_prediction(rows, report)
     # the probe restores everything it touched: a second probe measures the same bytes
     assert report.after_step["optimizer_state"] > 0
@@ -29,12 +29,12 @@ def test_tiny_prediction(precision):
 
 @pytest.fixture(scope="module")
 def small():
-    return measure_recipe("base/small", FAST)
+    return measure_recipe("base/small", FAST, warm=False)
 
 
 @pytest.fixture(scope="module")
 def small_checkpointed():
-    return measure_recipe("base/small", FAST + ["plugins=[{use: checkpointing, with: {layers: all}}]"])
+    return measure_recipe("base/small", FAST + ["plugins=[{use: checkpointing, with: {layers: all}}]"], warm=False)
 
 
 def test_small_prediction(small):

@@ -72,7 +72,8 @@ class MemwiseCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.leader is not self:
             return
-        if not self._transformed and any(self.host.implements(p, "memwise_transform_model") for p in self.host.plugins):
+        if not self._transformed and any(self.host.implements(p, "memwise_transform_model") and p.transforms_model()
+                                         for p in self.host.plugins):
             raise MemwiseError("the model had no parameters at setup (built in configure_model?): add "
                                "MemwisePrecision(callback) to the Trainer's plugins so that memwise plugins can "
                                "convert it before the optimizer is created")

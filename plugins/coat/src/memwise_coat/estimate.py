@@ -1,0 +1,64 @@
+"""COAT's predicted memory: optimizer state exact to the byte, saved activations by formula."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from memwise_coat.quantization import codec
+from memwise_coat.selection import fp32_parameters
+from memwise_coat.state_bytes import adamw_state_bytes, coat_param_state_bytes
+
+
+def optimizer_delta(model: nn.Module, config: Any) -> tuple[int, str]:
+    """CoatAdamW's state minus torch AdamW's, for the model's trainable parameters."""
+    first = codec("e4m3", config.group_size, config.expansion, config.min_expansion)
+    second = codec(config.second_moment_format, config.group_size, config.expansion, config.min_expansion)
+    keep = {id(p) for p in fp32_parameters(model, config.keep_fp32)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    coat, quantized = 0, 0
+    for p in params:
+        q = id(p) not in keep and p.numel() >= config.min_numel
+        quantized += p.numel() if q else 0
+        coat += coat_param_state_bytes(p, q, first, second)
+    base = adamw_state_bytes(params)
+    total = sum(p.numel() for p in params)
+    note = (f"optimizer state {coat / max(total, 1):.3f} B/param ({quantized:,} of {total:,} parameters in FP8 "
+            f"groups of {config.group_size})")
+    return coat - base, note
+
+
+def activation_delta(model: nn.Module, workload: Any, config: Any) -> tuple[int, str]:
+    """Saved bytes of a Llama decoder stack with FP8 activations minus the baseline's.
+
+    Per token and layer: each norm keeps its input as 1x16 FP8 (1 + 2/16 bytes) instead of its
+    input and normalized input; the linear layers share one per-tensor FP8 copy of each norm
+    output, down_proj gets one of the SwiGLU product; gate and up are kept as 1x16 FP8; attention
+    (q, k after RoPE, v, output, which o_proj reads) stays as it is. Calibrated against MemTracker
+    on `tiny` (fp32).
+    """
+    from memwise.memory import llama_layer_activation_bytes
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or workload is None:
+        return 0, "activations: no Llama config, not predicted"
+    b, s, precision = workload.batch_size, workload.seq_len, workload.precision
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, cfg.num_key_value_heads * head_dim
+    size = 2 if precision.startswith(("bf16", "16")) else 4
+    grouped = 1 + 2 / 16
+    per_token = (2 * grouped * h + 2 * h  # two norm inputs (1x16) and their outputs (per tensor) for q/k/v, gate/up
+                 + size * (2 * q + 2 * kv)  # q, k after RoPE, v, attention output (also o_proj's input)
+                 + 2 * grouped * inter + inter  # SwiGLU gate and up (1x16), product for down_proj
+                 + 4 * heads)  # SDPA logsumexp
+    layers = cfg.num_hidden_layers
+    fp8 = layers * b * s * per_token
+    base = layers * llama_layer_activation_bytes(cfg, b, s, precision)
+    # final norm input (1x16) and lm_head input (per tensor) instead of norm input, normalized input, head input
+    full_head = 4 * 3 * h if size == 4 else (4 * 2 * h + 2 * h if "mixed" in precision else 2 * 3 * h)
+    head = b * s * ((grouped + 1) * h - full_head)
+    delta = int(fp8 - base + head)
+    return delta, f"activations: {layers} decoder layers keep FP8 copies ({fp8 / max(base, 1):.2f}x of their bytes)"

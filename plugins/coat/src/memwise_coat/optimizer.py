@@ -1,0 +1,144 @@
+"""CoatAdamW: torch.optim.AdamW with both moments stored as per-group FP8 (COAT)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from memwise_coat.quantization import MomentCodec, codec
+from memwise_coat.update import MOMENTS, StepScalars, adamw_update_, fp8_step
+
+# torch.optim.AdamW group options CoatAdamW does not support, with the value it requires.
+_UNSUPPORTED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+_TORCH_ONLY = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+_COAT_KEYS = ("group_size", "expansion", "second_moment_format", "min_numel", "min_expansion")
+
+
+class CoatAdamW(torch.optim.Optimizer):
+    """AdamW whose first and second moments live in FP8 groups with Dynamic Range Expansion.
+
+    The update is torch.optim.AdamW's. Parameters below ``min_numel`` elements, and those in
+    ``fp32_params`` (embeddings and norms, chosen by the caller), keep fp32 moments and get
+    exactly torch's update. Per-group options (saved in the state dict): ``group_size``,
+    ``expansion``, ``second_moment_format`` ("e4m3" or "e5m2"), ``min_numel``, ``min_expansion``.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, group_size: int = 128, expansion: bool = True,
+                 second_moment_format: str = "e4m3", min_numel: int = 4096, min_expansion: float = 1.0,
+                 fp32_params: Iterable[torch.Tensor] = ()) -> None:
+        if group_size < 1:
+            raise ValueError(f"group_size must be positive, got {group_size}")
+        if second_moment_format not in ("e4m3", "e5m2"):
+            raise ValueError(f"second_moment_format must be 'e4m3' or 'e5m2', got {second_moment_format!r}")
+        if min_expansion <= 0:
+            raise ValueError(f"min_expansion must be positive, got {min_expansion}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, group_size=group_size,
+                        expansion=expansion, second_moment_format=second_moment_format, min_numel=min_numel,
+                        min_expansion=min_expansion)
+        super().__init__(params, defaults)
+        self._fp32_ids = {id(p) for p in fp32_params}
+
+    @classmethod
+    def from_torch(cls, optimizer: torch.optim.Optimizer, **options: Any) -> CoatAdamW:
+        """The same param groups and hyper-parameters as a torch AdamW (its state too, quantized)."""
+        groups = []
+        for group in optimizer.param_groups:
+            for key, required in _UNSUPPORTED.items():
+                if group.get(key, required) != required:
+                    raise ValueError(f"CoatAdamW does not support {key}={group[key]!r}")
+            groups.append({k: v for k, v in group.items() if k not in _TORCH_ONLY})
+        new = cls(groups, **options)
+        if optimizer.state:
+            new.load_torch_adamw_state_dict(optimizer.state_dict())
+        return new
+
+    # --- state ------------------------------------------------------------------------------
+
+    @staticmethod
+    def codecs(group: dict) -> tuple[MomentCodec, MomentCodec]:
+        """How the first and second moments of a group's quantized parameters are stored."""
+        first = codec("e4m3", group["group_size"], group["expansion"], group["min_expansion"])
+        second = codec(group["second_moment_format"], group["group_size"], group["expansion"], group["min_expansion"])
+        return first, second
+
+    def quantizes(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether ``p`` gets FP8 moments (decided by its state once it has one)."""
+        state = self.state.get(p)
+        if state:
+            return is_quantized(state)
+        return id(p) not in self._fp32_ids and p.numel() >= group["min_numel"]
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        quantize = self.quantizes(p, group)
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if not quantize:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return state
+        for moment, c in zip(MOMENTS, self.codecs(group)):
+            groups = c.num_groups(p.numel())
+            state[moment] = torch.zeros(p.shape, dtype=c.fmt.dtype, device=p.device)
+            for key in c.metadata_keys():
+                state[f"{moment}_{key}"] = torch.ones(groups, dtype=torch.float32, device=p.device)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader, then the stored dtypes back (torch casts every moment to the parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        id_map = {old: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                  for old, p in zip(saved["params"], group["params"])}
+        for old, saved in state_dict["state"].items():
+            p = id_map[old]
+            state = self.state[p]
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, torch.Tensor) and state[key].dtype != value.dtype:
+                    state[key] = value.to(device=p.device, copy=True)
+
+    # --- the step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("CoatAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, group)
+                state["step"] += 1
+                s = StepScalars(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"].item())
+                if is_quantized(state):
+                    fp8_step(p, p.grad, state, s, *self.codecs(group))
+                else:
+                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], s)
+        return loss
+
+    # --- no lock-in -------------------------------------------------------------------------
+
+    def to_torch_adamw_state_dict(self) -> dict:
+        """This optimizer's state dict in torch.optim.AdamW's format (fp32 moments)."""
+        from memwise_coat.conversion import to_torch_adamw
+
+        return to_torch_adamw(self.state_dict())
+
+    def load_torch_adamw_state_dict(self, state_dict: dict) -> None:
+        """Load a torch.optim.AdamW state dict, quantizing its moments."""
+        from memwise_coat.conversion import from_torch_adamw
+
+        self.load_state_dict(from_torch_adamw(state_dict, self))
+
+
+def is_quantized(state: dict) -> bool:
+    """True when a parameter's state holds FP8 moments."""
+    return state["exp_avg"].dtype in (torch.float8_e4m3fn, torch.float8_e5m2)

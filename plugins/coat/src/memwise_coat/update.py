@@ -1,0 +1,114 @@
+"""One AdamW step on FP8 moments: dequantize, update, requantize (torch reference and dispatch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memwise_coat.quantization import MomentCodec, dequantize_groups, quantize_groups
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """The host-side numbers of one AdamW step, computed as torch.optim.AdamW does."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: float
+
+    @property
+    def decay(self) -> float:
+        return 1 - self.lr * self.weight_decay
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1 - self.beta1**self.step)
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return (1 - self.beta2**self.step) ** 0.5
+
+
+def moment_meta(state: dict, moment: str, c: MomentCodec) -> dict[str, torch.Tensor]:
+    return {key: state[f"{moment}_{key}"] for key in c.metadata_keys()}
+
+
+def load_moment(state: dict, moment: str, c: MomentCodec) -> torch.Tensor:
+    """The dequantized fp32 moment (shape of the parameter)."""
+    return dequantize_groups(state[moment], moment_meta(state, moment, c), c)
+
+
+def store_moment(state: dict, moment: str, value: torch.Tensor, c: MomentCodec) -> None:
+    """Quantize ``value`` into the state's existing tensors (no new allocations kept)."""
+    packed = quantize_groups(value, c)
+    state[moment].copy_(packed.pop("q"))
+    for key, t in packed.items():
+        state[f"{moment}_{key}"].copy_(t)
+
+
+def adamw_update_(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: StepScalars) -> None:
+    """torch.optim.AdamW's single-tensor update, in place on fp32 tensors."""
+    p.mul_(s.decay)
+    m.lerp_(grad, 1 - s.beta1)
+    v.mul_(s.beta2).addcmul_(grad, grad, value=1 - s.beta2)
+    denom = (v.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
+    p.addcdiv_(m, denom, value=-s.step_size)
+
+
+CHUNK = 1 << 16
+"""Elements updated at a time on the torch path: bounds its fp32 workspace (the kernel needs none)."""
+
+
+def _chunk_state(state: dict, start: int, stop: int, group: int) -> dict:
+    """Views of a parameter's state for elements [start, stop) (group-aligned)."""
+    out = {}
+    for key, t in state.items():
+        if key in MOMENTS:
+            out[key] = t.view(-1)[start:stop]
+        elif key != "step":
+            out[key] = t[start // group: -(-stop // group)]
+    return out
+
+
+def fp8_step_reference(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepScalars,
+                       first: MomentCodec, second: MomentCodec) -> None:
+    """Dequantize both moments, update parameter and moments, requantize: the oracle of the kernel.
+
+    Works through the parameter in group-aligned chunks, so its fp32 temporaries stay small.
+    """
+    flat_p, flat_g = p.detach().view(-1), grad.reshape(-1)
+    group = first.group_size
+    step = max(group, CHUNK // group * group)
+    for start in range(0, flat_p.numel(), step):
+        stop = min(start + step, flat_p.numel())
+        sub = _chunk_state(state, start, stop, group)
+        m = load_moment(sub, "exp_avg", first)
+        v = load_moment(sub, "exp_avg_sq", second)
+        piece = flat_p[start:stop]
+        work = piece.float() if piece.dtype != torch.float32 else piece
+        adamw_update_(work, flat_g[start:stop].float(), m, v, s)
+        if work is not piece:
+            piece.copy_(work)
+        store_moment(sub, "exp_avg", m, first)
+        store_moment(sub, "exp_avg_sq", v, second)
+
+
+def fp8_step(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepScalars,
+             first: MomentCodec, second: MomentCodec, use_kernel: bool | None = None) -> None:
+    """The fused triton kernel on CUDA (or under TRITON_INTERPRET=1), else the reference."""
+    from memwise.kernels.dispatch import use_triton
+
+    if use_kernel is None:
+        use_kernel = use_triton(p)
+    if use_kernel:
+        from memwise_coat.update_triton import fp8_step_triton
+
+        fp8_step_triton(p, grad, state, s, first, second)
+    else:
+        fp8_step_reference(p, grad, state, s, first, second)
