@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memwise import manager
-from memwise.errors import MemwiseError, PluginHookError, RecipeError
+from memwise.errors import MemwiseError, PluginHookError, Problem, RecipeError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -166,6 +166,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     run = _prepare(args, "fit")
     rows = run.estimates(run.ctx.model)
     run.transform()
+    reshaped = [name for name, changed in run.changes.items() if changed]
+    if run.cfg.report.save_model and reshaped:
+        raise RecipeError([Problem("report.save_model", f"plugin(s) {', '.join(reshaped)} change the model's modules, "
+                                   "so it would not load as a plain model folder; keep the checkpoint instead "
+                                   "(or use the plugin's own export)")], source=args.recipe)
     trainer = run.make_trainer()
     run.ctx.trainer = trainer
     module, datamodule = RecipeModule(run), RecipeDataModule(run)
@@ -191,6 +196,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             console.print(f"process peak resident memory: {_fmt(measured.peak_rss)} MiB")
         summ = report.summary(module.history)
         summ["manifest"] = manifest(run.recipe.plugins)
+        if run.cfg.report.save_model:
+            module.model.save_pretrained(folder / "model", safe_serialization=True)
         report.write_recipe(folder, run.recipe.resolved)
         report.write_metrics(folder, module.history)
         report.write_json(folder, "memory.json", mem)

@@ -77,7 +77,7 @@ def _llama(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
                                                  dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
         for key, value in cfg.config.items():
             setattr(model.config, key, value)
-        return model
+        return model.train()  # from_pretrained returns eval mode; memwise trains it
     fields = {"vocab_size": vocab_size, "pad_token_id": None, **cfg.config}
     config = LlamaConfig(**fields)
     config._attn_implementation = cfg.attn_implementation

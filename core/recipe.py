@@ -51,6 +51,8 @@ class ReportConfig:
     dir: Optional[str] = option(None, "report folder (default runs/<name>)")
     plots: bool = option(True, "write memory.png and loss.png")
     probe_memory: bool = option(True, "measure memory per category on a probe step after training")
+    save_model: bool = option(False, "save the trained model as a HF folder (config.json + safetensors) in "
+                              "<report>/model, loadable with model.path")
 
 
 @dataclass(kw_only=True)

@@ -23,9 +23,10 @@ def metrics(folder):
 
 
 def test_run_writes_the_report(cli, micro, tmp_path):
-    code, out, err = cli("run", micro, f"report.dir={tmp_path}", "report.plots=true")
+    code, out, err = cli("run", micro, f"report.dir={tmp_path}", "report.plots=true", "report.save_model=true")
     assert code == 0, err
-    for name in ("recipe.yaml", "metrics.csv", "memory.json", "summary.json", "memory.png", "loss.png"):
+    for name in ("recipe.yaml", "metrics.csv", "memory.json", "summary.json", "memory.png", "loss.png",
+                 "model/config.json", "model/model.safetensors"):
         assert (tmp_path / name).is_file(), name
     memory = json.loads((tmp_path / "memory.json").read_text())
     assert set(memory["predicted"]) == set(CATEGORIES)
@@ -37,6 +38,15 @@ def test_run_writes_the_report(cli, micro, tmp_path):
     assert "measured" in out and "activations" in out
     ckpt = safe_load(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["memwise"]["manifest"]["plugins"] == []
+    # the saved folder loads as the recipe's model, in training mode, with the trained weights
+    from memwise import recipe
+    from memwise.runner import Run
+
+    run = Run(recipe.load(micro, [f"model.path={tmp_path / 'model'}"]), "fit")
+    run.build()
+    assert run.ctx.model.training
+    for name, value in run.ctx.model.state_dict().items():
+        assert (value == ckpt["state_dict"][f"model.{name}"]).all(), name
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(cli, micro, tmp_path):

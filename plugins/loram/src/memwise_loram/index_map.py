@@ -1,0 +1,147 @@
+"""The index map: which KV heads and MLP channels each pruned layer kept.
+
+Recovery needs it to put the adapters trained on the pruned model back onto the full
+model's rows and columns, and reloading needs it to rebuild the pruned shapes, so it is
+saved beside every pruned model and exported adapter (as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRUCTURED = ("l2", "taylor", "random")
+MASKING = ("wanda", "2:4")
+METHODS = STRUCTURED + MASKING
+
+INDEX_MAP_FILE = "loram_index_map.json"
+
+
+@dataclass
+class Geometry:
+    """The unpruned model's shape, from its HF config."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @classmethod
+    def of(cls, config: Any) -> Geometry:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                   config.num_key_value_heads, head_dim, config.intermediate_size)
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+@dataclass
+class LayerKeep:
+    """Kept KV heads and MLP channels of one layer (sorted, original numbering)."""
+
+    kv_heads: list[int]
+    mlp_channels: list[int]
+
+
+@dataclass
+class IndexMap:
+    """What a pruning kept, per pruned layer; masking methods keep every shape."""
+
+    method: str
+    ratio: float
+    geometry: Geometry
+    layers: dict[int, LayerKeep] = field(default_factory=dict)
+
+    @property
+    def structured(self) -> bool:
+        return self.method in STRUCTURED
+
+    def query_heads(self, layer: int) -> list[int]:
+        """Kept query heads: each kept KV head keeps its whole group."""
+        g = self.geometry.group
+        return [h * g + j for h in self.layers[layer].kv_heads for j in range(g)]
+
+    def rows(self, layer: int, module: str) -> list[int] | None:
+        """Kept output rows of ``module`` in ``layer`` (None: all rows kept)."""
+        if layer not in self.layers or not self.structured:
+            return None
+        hd = self.geometry.head_dim
+        if module == "q_proj":
+            return _expand(self.query_heads(layer), hd)
+        if module in ("k_proj", "v_proj"):
+            return _expand(self.layers[layer].kv_heads, hd)
+        if module in ("gate_proj", "up_proj"):
+            return list(self.layers[layer].mlp_channels)
+        return None
+
+    def cols(self, layer: int, module: str) -> list[int] | None:
+        """Kept input columns of ``module`` in ``layer`` (None: all columns kept)."""
+        if layer not in self.layers or not self.structured:
+            return None
+        if module == "o_proj":
+            return _expand(self.query_heads(layer), self.geometry.head_dim)
+        if module == "down_proj":
+            return list(self.layers[layer].mlp_channels)
+        return None
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "ratio": self.ratio, "geometry": vars(self.geometry).copy(),
+                "layers": {str(i): {"kv_heads": k.kv_heads, "mlp_channels": k.mlp_channels}
+                           for i, k in sorted(self.layers.items())}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> IndexMap:
+        layers = {int(i): LayerKeep(list(v["kv_heads"]), list(v["mlp_channels"])) for i, v in data["layers"].items()}
+        return cls(data["method"], float(data["ratio"]), Geometry(**data["geometry"]), layers)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / INDEX_MAP_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> IndexMap:
+        return cls.from_dict(json.loads((Path(folder) / INDEX_MAP_FILE).read_text()))
+
+
+def _expand(heads: Iterable[int], head_dim: int) -> list[int]:
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+def kept_counts(geometry: Geometry, ratio: float) -> tuple[int, int]:
+    """(KV heads, MLP channels) a pruned layer keeps at ``ratio``, as in the paper.
+
+    It removes ceil(I * r) channels and floor(n_kv * r) KV heads, keeping at least one of each.
+    """
+    kv = max(1, geometry.num_key_value_heads - math.floor(geometry.num_key_value_heads * ratio))
+    mlp = max(1, geometry.intermediate_size - math.ceil(geometry.intermediate_size * ratio))
+    return kv, mlp
+
+
+def parse_layers(spec: str | Iterable[int] | None, num_layers: int) -> list[int]:
+    """Layers to prune from "all", "4-77", "0,2,5-6" or a list of ints (ranges inclusive)."""
+    if spec is None or spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        out: list[int] = []
+        for part in spec.replace(" ", "").split(","):
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        layers = out
+    else:
+        layers = [int(i) for i in spec]
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} outside the model's 0-{num_layers - 1}")
+    return sorted(set(layers))

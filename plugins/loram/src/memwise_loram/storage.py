@@ -1,0 +1,84 @@
+"""Save and reload a pruned model (optionally with adapters and an NF4 base).
+
+HF Llama has one config for all layers, but pruned layers have fewer KV heads and MLP
+channels than unpruned ones. So a folder holds the full model's ``config.json``, the
+index map, ``loram.json`` (adapter spec, NF4 settings) and ``model.safetensors``; reloading
+builds the HF model from the config, shrinks the pruned layers to the index map's
+shapes, re-applies NF4 and adapters, and loads the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memwise_loram.index_map import IndexMap
+from memwise_loram.lora import ALL_TARGETS, LoraSpec, inject_lora
+from memwise_loram.structured import resize_layer
+
+WEIGHTS = "model.safetensors"
+SETTINGS = "loram.json"
+
+
+def rebuild(config: Any, imap: IndexMap, device: str | torch.device | None = None) -> nn.Module:
+    """An HF Llama model with the pruned shapes of ``imap`` (weights uninitialised on meta)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device(device or "cpu"):
+        model = LlamaForCausalLM(config)
+    if imap.structured:
+        for i, keep in imap.layers.items():
+            resize_layer(model.model.layers[i], imap.geometry, keep)
+    return model
+
+
+def save_pruned(model: nn.Module, imap: IndexMap, folder: str | Path, spec: LoraSpec | None = None,
+                nf4: dict | None = None) -> Path:
+    """Write config, index map, settings and weights (safetensors) into ``folder``."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(str(folder / "config.json"))
+    imap.save(folder)
+    settings = {"lora": vars(spec) if spec else None, "nf4": nf4}
+    (folder / SETTINGS).write_text(json.dumps(settings, indent=1))
+    save_model(model, str(folder / WEIGHTS))
+    return folder
+
+
+def load_pruned(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, IndexMap, LoraSpec | None]:
+    """Rebuild what ``save_pruned`` wrote: (model, index map, adapter spec or None)."""
+    from safetensors.torch import load_model
+    from transformers import LlamaConfig
+
+    folder = Path(folder)
+    config = LlamaConfig.from_json_file(str(folder / "config.json"))
+    imap = IndexMap.load(folder)
+    settings = json.loads((folder / SETTINGS).read_text())
+    model = rebuild(config, imap, device)
+    if settings.get("nf4"):
+        from memwise_loram.nf4_linear import quantize_model
+
+        quantize_model(model, ALL_TARGETS, **settings["nf4"])
+    spec = LoraSpec(**settings["lora"]) if settings.get("lora") else None
+    if spec is not None:
+        inject_lora(model, spec)
+    load_model(model, str(folder / WEIGHTS), strict=True, device=str(device))
+    return model, imap, spec
+
+
+def read_adapters(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter weights of a saved pruned model, without building the model."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            if ".lora_A." in key or ".lora_B." in key:
+                out[key] = f.get_tensor(key)
+    return out
