@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from memwise.checkpoint import safe_load
 from memwise.memory import CATEGORIES

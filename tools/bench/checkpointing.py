@@ -14,29 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import interleaved, machine, memory_table  # noqa: E402
+from common import interleaved, machine, memory_table, probe_and_step  # noqa: E402
 
-from memwise import recipe  # noqa: E402
-from memwise.runner import Run, causal_lm_loss  # noqa: E402
 
 CKPT = "plugins=[{use: checkpointing, with: {layers: all}}]"
-
-
-def step_fn(workload: str, overrides: list[str]):
-    run = Run(recipe.load(f"base/{workload}", overrides), "fit")
-    run.build()
-    run.transform()
-    report = run.probe_without_training()
-    ctx = run.ctx
-    batch = ctx.collate_fn([ctx.train_dataset[i] for i in next(iter(ctx.batch_sampler))])
-
-    def step() -> None:
-        loss = causal_lm_loss(ctx.model, batch)
-        loss.backward()
-        ctx.optimizer.step()
-        ctx.optimizer.zero_grad(set_to_none=True)
-
-    return report, step
 
 
 def main() -> None:
@@ -45,8 +26,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
     for workload in ("tiny", "small"):
-        base_report, base_step = step_fn(workload, ["data.max_documents=300"])
-        ckpt_report, ckpt_step = step_fn(workload, ["data.max_documents=300", CKPT])
+        base_report, base_step = probe_and_step(workload, [])
+        ckpt_report, ckpt_step = probe_and_step(workload, [CKPT])
         rows = [("baseline", base_report.headline()), ("checkpointing", ckpt_report.headline())]
         print(f"### {workload}: measured memory (MiB; ratio to baseline)\n")
         print(memory_table(rows, "baseline"))

@@ -41,6 +41,32 @@ def memory_table(rows: list[tuple[str, dict[str, int]]], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def probe_and_step(workload: str, overrides: list[str]):
+    """A reference workload with the plugins applied: its measured probe step and a step function.
+
+    The step function runs forward, backward and the optimizer step on one fixed batch, for
+    timing against a baseline with ``interleaved``.
+    """
+    from memwise import recipe
+    from memwise.runner import Run, causal_lm_loss
+
+    run = Run(recipe.load(f"base/{workload}", ["data.max_documents=300", *overrides]), "fit")
+    run.build()
+    run.transform()
+    report = run.probe_without_training()
+    ctx = run.ctx
+    batch = ctx.collate_fn([ctx.train_dataset[i] for i in next(iter(ctx.batch_sampler))])
+
+    def step() -> None:
+        with run.step_context():
+            loss = causal_lm_loss(ctx.model, batch)
+            loss.backward()
+        ctx.optimizer.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+
+    return report, step
+
+
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each function, run A B A B ... after warm-up."""
     for _ in range(warmup):

@@ -18,10 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import interleaved, machine, memory_table  # noqa: E402
+from common import interleaved, machine, memory_table, probe_and_step  # noqa: E402
 
-from memwise import recipe  # noqa: E402
-from memwise.runner import Run, causal_lm_loss  # noqa: E402
 
 VARIANTS = {
     "baseline": [],
@@ -32,30 +30,13 @@ PRECISIONS = {"fp32": "trainer.precision=32-true", "bf16": "trainer.precision=bf
 MIB = 2**20
 
 
-def prepare(workload: str, overrides: list[str]):
-    run = Run(recipe.load(f"base/{workload}", ["data.max_documents=300", *overrides]), "fit")
-    run.build()
-    run.transform()
-    report = run.probe_without_training()
-    ctx = run.ctx
-    batch = ctx.collate_fn([ctx.train_dataset[i] for i in next(iter(ctx.batch_sampler))])
-
-    def step() -> None:
-        loss = causal_lm_loss(ctx.model, batch)
-        loss.backward()
-        ctx.optimizer.step()
-        ctx.optimizer.zero_grad(set_to_none=True)
-
-    return report, step
-
-
 def memory(workloads: list[str], precisions: list[str], time_steps: bool) -> None:
     for workload in workloads:
         for pname in precisions:
             precision = PRECISIONS[pname]
             reports, steps = {}, {}
             for name, extra in VARIANTS.items():
-                reports[name], steps[name] = prepare(workload, [precision, *extra])
+                reports[name], steps[name] = probe_and_step(workload, [precision, *extra])
             print(f"### {workload}, {pname}: measured memory (MiB; ratio to baseline)\n")
             print(memory_table([(n, r.headline()) for n, r in reports.items()], "baseline"))
             base = reports["baseline"]
