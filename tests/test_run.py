@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 
 from memwise.checkpoint import safe_load
 from memwise.memory import CATEGORIES
+from memwise.testing import assert_same_losses, read_metrics, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def metrics(folder):
-    with open(folder / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def test_run_writes_the_report(cli, micro, tmp_path):
@@ -54,10 +46,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(cli, micro, tmp_path):
     assert cli("run", micro, f"report.dir={full}", *args)[0] == 0
     ckpt = full / "checkpoints" / "step-000003.ckpt"
     assert cli("run", micro, f"report.dir={resumed}", *args, f"resume={ckpt}")[0] == 0
-    a, b = metrics(full), metrics(resumed)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"], (ra, rb)
+    assert_same_losses(full, resumed)
 
 
 def test_resume_without_a_required_plugin_names_the_snippet(cli, micro, tmp_path):
@@ -90,27 +79,21 @@ def test_generate_from_a_checkpoint(cli, micro, tmp_path):
     assert out.startswith("def ")
 
 
-def _memwise(*args, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "memwise.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def test_ddp_two_cpu_processes(micro, tmp_path):
-    proc = _memwise("run", micro, f"report.dir={tmp_path}", "trainer.strategy=ddp", "trainer.devices=2",
-                    "trainer.accelerator=cpu", "trainer.max_steps=3", "plugins=[{use: checkpointing}]")
+    proc = run_cli("run", micro, f"report.dir={tmp_path}", "trainer.strategy=ddp", "trainer.devices=2",
+                    "trainer.accelerator=cpu", "trainer.max_steps=3", "plugins=[{use: checkpointing}]", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3
     # two ranks: the tokens counted are those of both processes
-    rows = metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert int(rows[-1]["tokens"]) == 3 * 2 * 4 * 64
 
 
 def test_quickstart_learns(tmp_path):
     """The README's quickstart recipe as shipped: the loss falls at least 35%."""
-    proc = _memwise("run", "recipes/quickstart.yaml", f"report.dir={tmp_path}", "trainer.progress_bar=false",
-                    "report.plots=false")
+    proc = run_cli("run", "recipes/quickstart.yaml", f"report.dir={tmp_path}", "trainer.progress_bar=false",
+                    "report.plots=false", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_val_loss"] <= 0.65 * summary["first_val_loss"], summary

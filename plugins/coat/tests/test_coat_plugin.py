@@ -1,7 +1,5 @@
 """The coat plugin: capabilities, config errors, exact optimizer-state estimate, recipe resume and DDP."""
 
-import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +9,12 @@ import torch
 from memwise import MemoryEstimate, RecipeError, RunContext, Workload
 from memwise.memory import measure_step
 from memwise.plan import check
+from memwise.testing import DDP, MICRO, assert_same_losses, read_metrics, run_cli
 from memwise_coat import CoatAdamW, CoatPlugin
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = str(ROOT / "recipes" / "coat.yaml")
-MICRO = ["model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.intermediate_size=128",
-         "data.seq_len=64", "data.batch_size=4", "data.max_documents=120", "data.val_batches=2",
-         "data.val_percent=10.0", "trainer.val_every_n_steps=3", "trainer.progress_bar=false", "report.plots=false",
-         "optimizer.lr=3.0e-3", "scheduler.warmup_steps=2"]
 
 
 def _model():
@@ -108,11 +103,6 @@ def test_transform_claims_each_converted_module_and_teardown_restores():
     assert CoatPlugin().transforms_model() and not CoatPlugin(activations=False).transforms_model()
 
 
-def _metrics(folder):
-    with open(folder / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
 def test_recipe_resume_matches_uninterrupted_run(tmp_path):
     from memwise.cli import main
 
@@ -124,19 +114,13 @@ def test_recipe_resume_matches_uninterrupted_run(tmp_path):
     states = saved["optimizer_states"][0]["state"]
     assert any(s["exp_avg"].dtype == torch.float8_e4m3fn for s in states.values())
     assert main(["run", RECIPE, f"report.dir={resumed}", *args, f"resume={ckpt}"]) == 0
-    a, b = _metrics(full), _metrics(resumed)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"], (ra, rb)
+    assert_same_losses(full, resumed)
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "memwise.cli", "run", RECIPE, f"report.dir={tmp_path}", *MICRO,
-                           "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                           "trainer.max_steps=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli("run", RECIPE, f"report.dir={tmp_path}", *MICRO, *DDP, "trainer.max_steps=3", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [float(r["train_loss"]) for r in _metrics(tmp_path) if r["train_loss"]]
+    losses = [float(r["train_loss"]) for r in read_metrics(tmp_path) if r["train_loss"]]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 

@@ -1,0 +1,43 @@
+"""Helpers for plugin tests: a seconds-long workload, the CLI in a subprocess, run metrics.
+
+Plugins test through the recipe runner the same way (exact resume, DDP on two CPU
+processes); these keep those tests short and alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MICRO = ["model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.intermediate_size=128",
+         "data.seq_len=64", "data.batch_size=4", "data.max_documents=60", "data.val_batches=1",
+         "data.val_percent=10.0", "trainer.val_every_n_steps=2", "trainer.progress_bar=false", "report.plots=false",
+         "optimizer.lr=3.0e-3", "scheduler.warmup_steps=1"]
+"""Overrides that shrink any shipped recipe to a run of a few seconds."""
+
+DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+"""Overrides for two CPU processes under DDP (gloo)."""
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    """The rows of a run's metrics.csv."""
+    with open(Path(folder) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_losses(folder_a: Path, folder_b: Path) -> None:
+    """Two runs logged the same steps with identical train and validation losses."""
+    a, b = read_metrics(folder_a), read_metrics(folder_b)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"], (ra, rb)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`memwise ARGS` in a subprocess (DDP re-launches sys.argv, so never in the test process)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "memwise.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
