@@ -7,6 +7,7 @@ processes); these keep those tests short and alike.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def assert_same_losses(folder_a: Path, folder_b: Path) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"], (ra, rb)
+
+
+def assert_trained(folder: Path, steps: int) -> None:
+    """A run logged ``steps`` training steps, every loss finite."""
+    losses = [float(r["train_loss"]) for r in read_metrics(folder) if r.get("train_loss")]
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

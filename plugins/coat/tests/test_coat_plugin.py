@@ -9,7 +9,7 @@ import torch
 from memwise import MemoryEstimate, RecipeError, RunContext, Workload
 from memwise.memory import measure_step
 from memwise.plan import check
-from memwise.testing import DDP, MICRO, assert_same_losses, read_metrics, run_cli
+from memwise.testing import DDP, MICRO, assert_same_losses, assert_trained, run_cli
 from memwise_coat import CoatAdamW, CoatPlugin
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,8 +120,7 @@ def test_recipe_resume_matches_uninterrupted_run(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     proc = run_cli("run", RECIPE, f"report.dir={tmp_path}", *MICRO, *DDP, "trainer.max_steps=3", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [float(r["train_loss"]) for r in read_metrics(tmp_path) if r["train_loss"]]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert_trained(tmp_path, 3)
 
 
 def test_import_is_light():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from memwise.testing import DDP, MICRO, assert_same_losses, read_metrics, run_cli
+from memwise.testing import DDP, MICRO, assert_same_losses, assert_trained, run_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = str(ROOT / "recipes" / "mesa.yaml")
@@ -28,7 +28,6 @@ def test_recipe_resume_restores_ranges_and_matches_uninterrupted_run(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     proc = run_cli("run", RECIPE, f"report.dir={tmp_path}", *MICRO, *DDP, "trainer.max_steps=3", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [float(r["train_loss"]) for r in read_metrics(tmp_path) if r["train_loss"]]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert_trained(tmp_path, 3)
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert int(saved["state_dict"]["model.model.layers.0.self_attn.mesa_query.steps"]) == 3
