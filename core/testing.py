@@ -37,6 +37,21 @@ def assert_same_losses(folder_a: Path, folder_b: Path) -> None:
         assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"], (ra, rb)
 
 
+def assert_resume_is_exact(recipe: str, overrides: list[str], folder: Path, steps: int, at: int) -> dict:
+    """Train ``steps`` steps saving a checkpoint every ``at``; resume from step ``at`` in another
+    folder; assert identical losses. Returns the step-``at`` checkpoint for further checks."""
+    from memwise.checkpoint import safe_load
+    from memwise.cli import main
+
+    full, resumed = Path(folder) / "full", Path(folder) / "resumed"
+    args = [*overrides, f"trainer.max_steps={steps}", f"trainer.checkpoint_every_n_steps={at}"]
+    assert main(["run", recipe, f"report.dir={full}", *args]) == 0
+    ckpt = full / "checkpoints" / f"step-{at:06d}.ckpt"
+    assert main(["run", recipe, f"report.dir={resumed}", *args, f"resume={ckpt}"]) == 0
+    assert_same_losses(full, resumed)
+    return safe_load(ckpt)
+
+
 def assert_trained(folder: Path, steps: int) -> None:
     """A run logged ``steps`` training steps, every loss finite."""
     losses = [float(r["train_loss"]) for r in read_metrics(folder) if r.get("train_loss")]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from memwise.checkpoint import safe_load
 from memwise.memory import CATEGORIES
-from memwise.testing import assert_same_losses, read_metrics, run_cli
+from memwise.testing import assert_resume_is_exact, read_metrics, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,13 +40,9 @@ def test_run_writes_the_report(cli, micro, tmp_path):
         assert (value == ckpt["state_dict"][f"model.{name}"]).all(), name
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(cli, micro, tmp_path):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["trainer.max_steps=8", "trainer.checkpoint_every_n_steps=3", "plugins=[{use: checkpointing}]"]
-    assert cli("run", micro, f"report.dir={full}", *args)[0] == 0
-    ckpt = full / "checkpoints" / "step-000003.ckpt"
-    assert cli("run", micro, f"report.dir={resumed}", *args, f"resume={ckpt}")[0] == 0
-    assert_same_losses(full, resumed)
+def test_resume_reproduces_the_uninterrupted_run_exactly(micro, tmp_path):
+    saved = assert_resume_is_exact(micro, ["plugins=[{use: checkpointing}]"], tmp_path, steps=8, at=3)
+    assert saved["global_step"] == 3
 
 
 def test_resume_without_a_required_plugin_names_the_snippet(cli, micro, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from memwise import MemoryEstimate, RecipeError, RunContext, Workload
 from memwise.memory import measure_step
 from memwise.plan import check
-from memwise.testing import DDP, MICRO, assert_same_losses, assert_trained, run_cli
+from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_trained, run_cli
 from memwise_coat import CoatAdamW, CoatPlugin
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,17 +104,9 @@ def test_transform_claims_each_converted_module_and_teardown_restores():
 
 
 def test_recipe_resume_matches_uninterrupted_run(tmp_path):
-    from memwise.cli import main
-
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = [*MICRO, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3"]
-    assert main(["run", RECIPE, f"report.dir={full}", *args]) == 0
-    ckpt = full / "checkpoints" / "step-000003.ckpt"
-    saved = torch.load(ckpt, weights_only=True)
+    saved = assert_resume_is_exact(RECIPE, MICRO, tmp_path, steps=6, at=3)
     states = saved["optimizer_states"][0]["state"]
     assert any(s["exp_avg"].dtype == torch.float8_e4m3fn for s in states.values())
-    assert main(["run", RECIPE, f"report.dir={resumed}", *args, f"resume={ckpt}"]) == 0
-    assert_same_losses(full, resumed)
 
 
 def test_ddp_two_cpu_processes(tmp_path):

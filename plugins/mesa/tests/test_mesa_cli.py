@@ -4,25 +4,17 @@ from pathlib import Path
 
 import torch
 
-from memwise.testing import DDP, MICRO, assert_same_losses, assert_trained, run_cli
+from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_trained, run_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = str(ROOT / "recipes" / "mesa.yaml")
 
 def test_recipe_resume_restores_ranges_and_matches_uninterrupted_run(tmp_path):
-    from memwise.cli import main
-
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = [*MICRO, "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2"]
-    assert main(["run", RECIPE, f"report.dir={full}", *args]) == 0
-    ckpt = full / "checkpoints" / "step-000002.ckpt"
-    saved = torch.load(ckpt, weights_only=True)
+    saved = assert_resume_is_exact(RECIPE, MICRO, tmp_path, steps=4, at=2)
     key = "model.model.layers.1.self_attn.mesa_key.alpha"
     ranges = saved["memwise"]["plugins"]["mesa"]["ranges"]
     assert torch.equal(saved["state_dict"][key], ranges["model.layers.1.self_attn.mesa_key"]["alpha"])
     assert int(saved["state_dict"]["model.model.layers.1.self_attn.mesa_key.steps"]) == 2
-    assert main(["run", RECIPE, f"report.dir={resumed}", *args, f"resume={ckpt}"]) == 0
-    assert_same_losses(full, resumed)
 
 
 def test_ddp_two_cpu_processes(tmp_path):
