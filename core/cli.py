@@ -242,7 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                          temperature=gen.temperature if gen.do_sample else None,
                                          top_k=gen.top_k if gen.do_sample else None,
                                          pad_token_id=tok.pad_id, eos_token_id=tok.eod_id, **ctx.generate_kwargs)
-            cache = ctx.generate_kwargs.get("past_key_values", ctx.generate_kwargs.get("cache"))
+            cache = ctx.generate_kwargs.get("cache", ctx.generate_kwargs.get("past_key_values"))
         finally:
             ctx.run_teardown()
         console.print(f"[bold]{prompt}[/bold]{tok.decode(out[0, ids.shape[1]:].tolist())}")

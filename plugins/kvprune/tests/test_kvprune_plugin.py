@@ -18,6 +18,7 @@ import memwise  # noqa: E402
 from memwise_kvprune import KVPrunePlugin, scoring  # noqa: E402
 from memwise_kvprune.cache import PrunedCache  # noqa: E402
 from memwise_kvprune.fp8store import FP8Rows  # noqa: E402
+from memwise_kvprune.compat import cache_kwarg  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -50,7 +51,7 @@ def test_wrap_generation_installs_cache_and_teardown_restores_model():
     ctx = memwise.RunContext(stage="generate", model=model)
     plugin = KVPrunePlugin(think_ratio=0.5, think_window=8, eviction="streaming", budget=0.5, fp8="e4m3")
     plugin.memwise_wrap_generation(ctx=ctx)
-    cache = ctx.generate_kwargs["past_key_values"]
+    cache = ctx.generate_kwargs[cache_kwarg("generate")]
     assert isinstance(cache, PrunedCache)
     assert model.config._attn_implementation == "memwise_kvprune"
     out = generate(model, ids, mask, cache, new=4)
@@ -125,7 +126,7 @@ def test_predict_callback_gives_each_batch_a_pruned_cache():
             self.caches = []
 
         def predict_step(self, batch, batch_idx):
-            cache = self.generate_kwargs["past_key_values"]
+            cache = self.generate_kwargs[cache_kwarg("generate")]
             self.caches.append(cache)
             return generate(self.model, batch[0], batch[1], cache, new=4)
 

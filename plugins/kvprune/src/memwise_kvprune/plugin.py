@@ -92,8 +92,9 @@ class KVPrunePlugin(memwise.Plugin):
     def memwise_wrap_generation(self, ctx: memwise.RunContext) -> None:
         from memwise_kvprune.api import make_cache
         from memwise_kvprune.attention import install
+        from memwise_kvprune.compat import cache_kwarg
 
         ctx.on_teardown(install(ctx.model))
         cache = make_cache(ctx.model, install=False, **self.cache_settings())
-        ctx.generate_kwargs["past_key_values"] = cache
+        ctx.generate_kwargs[cache_kwarg("generate")] = cache
         ctx.shared.setdefault("kvprune", {})["cache"] = cache

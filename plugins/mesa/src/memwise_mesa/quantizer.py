@@ -38,8 +38,8 @@ def group_view(shape: torch.Size, layout: Layout, groups: int) -> tuple[int, int
 
 
 def channel_groups(channels: int, wanted: int) -> int:
-    """The number of contiguous channel groups used for ``channels`` (a divisor of it)."""
-    return math.gcd(channels, wanted)
+    """The number of contiguous channel groups used for ``channels``: its largest divisor <= ``wanted``."""
+    return max(d for d in range(1, min(channels, wanted) + 1) if channels % d == 0)
 
 
 def group_min_max(x: torch.Tensor, groups: int, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
