@@ -11,7 +11,8 @@ Baseline: transformers' DynamicCache in bf16 (the model runs in bf16). Recall pr
 held-out MQAR sequence is cut at ``--prompt`` tokens; the prompt is prefilled (that is when
 the cache is pruned), the rest is decoded teacher-forced one token at a time through the
 cache, and recall is the accuracy on the answer tokens in the decoded part. Agreement and
-KL compare each step's next-token distribution with the full cache's. kvpress is not run
+KL compare each step's next-token distribution with the full cache's; loss is the
+teacher-forced next-token loss (nats) over the decoded part. kvpress is not run
 here: it pins transformers < 5.3, so ``tools/bench/kvprune_kvpress.py`` runs its presses in
 their own virtual environment on the held-out set this script saves.
 """
@@ -126,11 +127,14 @@ def curves(model: LlamaForCausalLM, ids: torch.Tensor, prompt: int, answer: torc
             return None
         return round((logp.argmax(-1)[answer] == truth[answer]).float().mean().item(), 4)
 
+    def nll(logp: torch.Tensor) -> float:
+        return round(-logp.gather(-1, truth[..., None]).mean().item(), 4)
+
     dense = DynamicCache(config=model.config)
     base = decode_teacher_forced(model, ids, prompt, dense)
     base_bytes = dense_bytes(dense)
     rows = [{"method": "DynamicCache bf16", "settings": "", "bytes": base_bytes, "fraction": 1.0,
-             "recall": score(base), "agreement": 1.0, "kl": 0.0}]
+             "recall": score(base), "agreement": 1.0, "kl": 0.0, "loss": nll(base)}]
     for name, settings in settings_grid(window):
         cache = make_cache(model, **settings)
         logp = decode_teacher_forced(model, ids, prompt, cache)
@@ -141,7 +145,7 @@ def curves(model: LlamaForCausalLM, ids: torch.Tensor, prompt: int, answer: torc
         desc = "; ".join(short[k].format(**vars(v)) for k, v in settings.items())
         rows.append({"method": name, "settings": desc, "bytes": cache.nbytes(),
                      "fraction": round(cache.nbytes() / base_bytes, 4), "recall": score(logp),
-                     "agreement": round(agree, 4), "kl": round(kl, 5)})
+                     "agreement": round(agree, 4), "kl": round(kl, 5), "loss": nll(logp)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

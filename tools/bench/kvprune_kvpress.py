@@ -82,7 +82,8 @@ def main() -> None:
                      "fraction": round(nbytes / base_bytes, 4),
                      "recall": round((logp.argmax(-1)[answer] == truth[answer]).float().mean().item(), 4),
                      "agreement": round((logp.argmax(-1) == base.argmax(-1)).float().mean().item(), 4),
-                     "kl": round((base.exp() * (base - logp)).sum(-1).mean().item(), 5)})
+                     "kl": round((base.exp() * (base - logp)).sum(-1).mean().item(), 5),
+                     "loss": round(-logp.gather(-1, truth[..., None]).mean().item(), 4)})
         print(json.dumps(rows[-1]), flush=True)
     import kvpress
     import transformers

@@ -71,6 +71,24 @@ def test_head_ranges_differ_across_heads_with_different_scales():
     assert rel.max() / rel.min() < 3  # each head keeps its own relative precision
 
 
+def test_head_channel_ranges_follow_each_head_and_channel():
+    torch.manual_seed(0)
+    # q from a projection: [B, N, H, D] in memory, seen as [B, H, N, D]; channels of very different scales
+    channel_scale = torch.logspace(-2, 1, 8)
+    x = (torch.randn(2, 16, 4, 8) * channel_scale).transpose(1, 2)
+    q = RangeQuantizer("head_channel", 4 * 8, stochastic=False)
+    p = q.pack(x)
+    assert q.alpha.shape == (32,) and p.shape == x.shape and p.payload.is_contiguous()
+    back = unpack(p)
+    assert back.shape == x.shape
+    err = (back - x).abs().amax(dim=(0, 2))  # [H, D]
+    assert (err <= q.alpha.view(4, 8) / 255 * 0.5 + 1e-6).all()
+    # one range per head does far worse on the small channels
+    per_head = unpack(RangeQuantizer("head", 4, stochastic=False).pack(x))
+    small = slice(0, 3)
+    assert (per_head - x)[..., small].abs().mean() > 10 * (back - x)[..., small].abs().mean()
+
+
 def test_half_precision_inputs_round_trip_in_their_dtype():
     torch.manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16):

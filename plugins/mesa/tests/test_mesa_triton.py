@@ -47,6 +47,12 @@ q = RangeQuantizer("channel", 4, stochastic=False)
 p = q.pack(x)
 back = unpack(p)
 assert ((back - x).abs() <= (q.alpha / 255).repeat_interleave(4).max() * 0.5 + 1e-5).all()
+# head_channel: groups of one element, packed in [B, N, H, D] order, through the dispatcher
+hc = RangeQuantizer("head_channel", 4 * 16, stochastic=False)
+xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+back = unpack(hc.pack(xt))
+assert back.shape == xt.shape
+assert ((back - xt).abs() <= (hc.alpha / 255).view(4, 16)[None, :, None, :] * 0.5 + 1e-5).all()
 print("done")
 '''
 

@@ -21,6 +21,7 @@ from memwise_mesa import attention, layers
 from memwise_mesa.quantizer import RangeQuantizer, channel_groups
 
 KINDS = ("linear", "norm", "activation", "glu", "attention")
+ATTENTION_GROUPS = ("head", "head_channel")
 _ACTIVATIONS = ("SiLU", "GELU", "SiLUActivation", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation",
                 "FastGELUActivation", "QuickGELUActivation", "AccurateGELUActivation")
 
@@ -81,7 +82,8 @@ def _norm_width(module: nn.Module) -> int:
 
 
 def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-              kinds: Sequence[str] = KINDS, groups: int = 8) -> tuple[list[Conversion], MesaReport]:
+              kinds: Sequence[str] = KINDS, groups: int = 8,
+              attention_groups: str = "head") -> tuple[list[Conversion], MesaReport]:
     """The conversions ``apply_mesa`` would make, without touching ``model``."""
     report = MesaReport()
     plan: list[Conversion] = []
@@ -123,8 +125,9 @@ def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequen
                 continue
             heads = module.q_proj.out_features // module.head_dim
             kv_heads = module.k_proj.out_features // module.head_dim
-            specs = [QuantizerSpec("mesa_query", "head", heads), QuantizerSpec("mesa_key", "head", kv_heads),
-                     QuantizerSpec("mesa_value", "head", kv_heads)]
+            per = module.head_dim if attention_groups == "head_channel" else 1
+            specs = [QuantizerSpec(name, attention_groups, n * per)
+                     for name, n in (("mesa_query", heads), ("mesa_key", kv_heads), ("mesa_value", kv_heads))]
         plan.append(Conversion(name, kind, specs))
         report.converted[name] = kind
     return plan, report
@@ -136,16 +139,20 @@ _MIXINS = {"linear": layers.MesaLinearMixin, "norm": layers.MesaRecomputeMixin,
 
 def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                kinds: Sequence[str] = KINDS, groups: int = 8, decay: float = 0.9,
-               stochastic: bool = True) -> MesaReport:
+               stochastic: bool = True, attention_groups: str = "head") -> MesaReport:
     """Convert ``model`` in place so that the covered layers save 8-bit activations.
 
     ``include``/``exclude``: fnmatch patterns on module names (``"*lm_head"``,
     ``"model.layers.0.*"``). ``groups``: channel groups per non-attention tensor
-    (a divisor of the width is used). Warns ``NoEffectWarning`` when nothing changes.
+    (a divisor of the width is used). ``attention_groups``: one range per head (``head``)
+    or per head and channel (``head_channel``) for q, k and v. Warns ``NoEffectWarning``
+    when nothing changes.
     """
     if bits != 8:
         raise ValueError(f"bits={bits}: only 8-bit storage is implemented")
-    plan, report = plan_mesa(model, include, exclude, kinds, groups)
+    if attention_groups not in ATTENTION_GROUPS:
+        raise ValueError(f"attention_groups={attention_groups!r}: choose from {', '.join(ATTENTION_GROUPS)}")
+    plan, report = plan_mesa(model, include, exclude, kinds, groups, attention_groups)
     modules = dict(model.named_modules())
     attention_used = False
     for conv in plan:

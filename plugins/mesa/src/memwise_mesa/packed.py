@@ -13,7 +13,8 @@ class PackedTensor:
 
     ``scale`` is alpha / levels and ``offset`` beta, both fp32 snapshots taken at packing
     time (the running ranges may move before backward, for example under gradient
-    accumulation). ``groups`` and ``inner`` describe the (outer, groups, inner) view.
+    accumulation). ``groups`` and ``inner`` describe the (outer, groups, inner) view;
+    ``transposed`` payloads hold a [B, H, N, D] tensor in [B, N, H, D] order.
     """
 
     payload: torch.Tensor
@@ -22,6 +23,7 @@ class PackedTensor:
     groups: int
     inner: int
     dtype: torch.dtype
+    transposed: bool = False
 
     def nbytes(self) -> int:
         """Payload + scales + offsets, in bytes."""
@@ -31,4 +33,4 @@ class PackedTensor:
 
     @property
     def shape(self) -> torch.Size:
-        return self.payload.shape
+        return self.payload.transpose(1, 2).shape if self.transposed else self.payload.shape

@@ -7,7 +7,7 @@ from typing import Any
 
 import memwise
 from memwise import MemoryDelta, Problem, RecipeError, option
-from memwise_mesa.convert import KINDS
+from memwise_mesa.convert import ATTENTION_GROUPS, KINDS
 
 
 class MesaPlugin(memwise.Plugin):
@@ -30,6 +30,8 @@ class MesaPlugin(memwise.Plugin):
         bits: int = option(8, "bits per saved activation value (only 8 is implemented)")
         decay: float = option(0.9, "running-range momentum: range <- decay * range + (1 - decay) * batch range")
         groups: int = option(8, "channel groups per non-attention tensor (a divisor of the width is used)")
+        attention_groups: str = option("head", "ranges of q, k, v: one per head ('head') or per head and channel "
+                                               "('head_channel')")
         stochastic: bool = option(True, "stochastic rounding (unbiased); false rounds to nearest")
         include: list[str] = option(["*"], "fnmatch patterns of module names to convert")
         exclude: list[str] = option([], "fnmatch patterns of module names to leave alone, e.g. '*lm_head'")
@@ -46,6 +48,9 @@ class MesaPlugin(memwise.Plugin):
             problems.append(Problem("mesa.decay", f"got {c.decay}; use a momentum in [0, 1), e.g. 0.9"))
         if c.groups < 1:
             problems.append(Problem("mesa.groups", f"got {c.groups}; use a positive number of channel groups"))
+        if c.attention_groups not in ATTENTION_GROUPS:
+            problems.append(Problem("mesa.attention_groups",
+                                    f"got {c.attention_groups!r}; choose from {', '.join(ATTENTION_GROUPS)}"))
         unknown = [k for k in c.layers if k not in KINDS]
         if unknown:
             problems.append(Problem("mesa.layers", f"unknown kinds {unknown}; choose from {', '.join(KINDS)}"))
@@ -61,7 +66,7 @@ class MesaPlugin(memwise.Plugin):
         from memwise_mesa.convert import plan_mesa
 
         c = self.config
-        return plan_mesa(model, c.include, c.exclude, c.layers, c.groups)
+        return plan_mesa(model, c.include, c.exclude, c.layers, c.groups, c.attention_groups)
 
     @memwise.hookimpl
     def memwise_validate(self, ctx: Any) -> list:
@@ -92,7 +97,8 @@ class MesaPlugin(memwise.Plugin):
         plan, _ = self._plan(ctx.model)
         for conv in plan:
             ctx.claims.claim(conv.name, self)
-        report = apply_mesa(ctx.model, c.bits, c.include, c.exclude, c.layers, c.groups, c.decay, c.stochastic)
+        report = apply_mesa(ctx.model, c.bits, c.include, c.exclude, c.layers, c.groups, c.decay, c.stochastic,
+                            c.attention_groups)
         ctx.shared["mesa"] = {"converted": report.counts()}
 
     @memwise.hookimpl

@@ -4,6 +4,13 @@ Mesa's rule: on the first batch alpha = max - min and beta = min per group; afte
 alpha <- decay * alpha + (1 - decay) * (max - min), and the same for beta with min.
 Codes are ``floor((x - beta) * levels / alpha + u)`` clamped to ``[0, levels]``; the
 reference implementation lacks the upper clamp and wraps around, this one saturates.
+
+Layouts: ``channel`` (contiguous channel groups of the last dimension), ``head`` (one group
+per head of a [B, H, N, D] tensor) and ``head_channel`` (one group per head and channel:
+rotary embeddings give q and k channels of very different magnitudes, which one range per
+head resolves poorly). ``head_channel`` packs the tensor in [B, N, H, D] order, the order a
+projection followed by ``view(...).transpose(1, 2)`` already has in memory, so every group
+is a column of the (tokens, H x D) matrix; ``unpack`` transposes back.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from torch import nn
 from memwise_mesa import kernels
 from memwise_mesa.packed import PackedTensor
 
-Layout = Literal["channel", "head"]
+Layout = Literal["channel", "head", "head_channel"]
 TINY_RANGE = 1e-8
 
 
@@ -26,7 +33,12 @@ def group_view(shape: torch.Size, layout: Layout, groups: int) -> tuple[int, int
 
     ``channel``: the last dimension split into ``groups`` contiguous channel groups.
     ``head``: dimension 1 (B, H, N, D), one group per head.
+    ``head_channel``: ``shape`` is the packed [B, N, H, D] order, one group per (head, channel).
     """
+    if layout == "head_channel":
+        if len(shape) != 4 or shape[2] * shape[3] != groups:
+            raise ValueError(f"head_channel layout expects [B, N, H, D] with H x D = {groups}, got {tuple(shape)}")
+        return groups, 1
     if layout == "head":
         if len(shape) < 2 or shape[1] != groups:
             raise ValueError(f"head layout expects dimension 1 of size {groups}, got shape {tuple(shape)}")
@@ -42,6 +54,13 @@ def channel_groups(channels: int, wanted: int) -> int:
     return max(d for d in range(1, min(channels, wanted) + 1) if channels % d == 0)
 
 
+def packing_order(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``x`` in the contiguous order it is packed in ([B, H, N, D] -> [B, N, H, D] for ``head_channel``)."""
+    if layout == "head_channel":
+        x = x.transpose(1, 2)
+    return x.detach().contiguous()
+
+
 def group_min_max(x: torch.Tensor, groups: int, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group minimum and maximum of contiguous ``x``, in fp32."""
     view = x.detach().reshape(-1, groups, inner)
@@ -51,18 +70,20 @@ def group_min_max(x: torch.Tensor, groups: int, inner: int) -> tuple[torch.Tenso
 def pack_with_range(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, layout: Layout, groups: int,
                     bits: int = 8, stochastic: bool = True) -> PackedTensor:
     """Quantize ``x`` with the given per-group range ``alpha`` and offset ``beta``."""
-    x = x.detach().contiguous()
+    x = packing_order(x, layout)
     groups, inner = group_view(x.shape, layout, groups)
     levels = 2**bits - 1
     alpha = alpha.float().clamp_min(TINY_RANGE)
     payload = kernels.quantize(x, levels / alpha, beta.float(), groups, inner, levels, stochastic)
-    return PackedTensor(payload, alpha / levels, beta.float().clone(), groups, inner, x.dtype)
+    return PackedTensor(payload, alpha / levels, beta.float().clone(), groups, inner, x.dtype,
+                        transposed=layout == "head_channel")
 
 
 def unpack(packed: PackedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dequantized tensor, in ``dtype`` (default: the dtype it was packed from)."""
-    return kernels.dequantize(packed.payload, packed.scale, packed.offset, packed.groups, packed.inner,
-                              dtype or packed.dtype)
+    """The dequantized tensor, in ``dtype`` (default: the dtype it was packed from), in its original shape."""
+    out = kernels.dequantize(packed.payload, packed.scale, packed.offset, packed.groups, packed.inner,
+                             dtype or packed.dtype)
+    return out.transpose(1, 2) if packed.transposed else out
 
 
 class RangeQuantizer(nn.Module):
@@ -91,7 +112,8 @@ class RangeQuantizer(nn.Module):
 
     def _ensure_size(self, x: torch.Tensor) -> None:
         if self.groups == 0:
-            n = x.shape[1] if self.layout == "head" else channel_groups(x.shape[-1], self.wanted_groups)
+            sizes = {"head": x.shape[1], "head_channel": x.shape[1] * x.shape[-1]}
+            n = sizes.get(self.layout) or channel_groups(x.shape[-1], self.wanted_groups)
             self.alpha = torch.zeros(n, device=x.device)
             self.beta = torch.zeros(n, device=x.device)
 
@@ -99,8 +121,9 @@ class RangeQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """Fold the per-group min/max of ``x`` into the running ranges."""
         self._ensure_size(x)
+        x = packing_order(x, self.layout)
         groups, inner = group_view(x.shape, self.layout, self.groups)
-        lo, hi = group_min_max(x.contiguous(), groups, inner)
+        lo, hi = group_min_max(x, groups, inner)
         lo, hi = lo.to(self.alpha.device), hi.to(self.alpha.device)
         if int(self.steps) == 0:
             self.alpha.copy_(hi - lo)
