@@ -176,9 +176,10 @@ def timing(args: argparse.Namespace) -> list[dict]:
     """Decode step time of the pruned cache as a ratio to DynamicCache, interleaved, median of 7."""
     model = load_recall_model(args.weights, args.recipe)
     ids, _ = held_out(args.examples, args.seq_len, args.pairs, args.queries)
-    grid = [("DynamicCache", None), ("think 0.5", {"think": ThinK(0.5, window=args.window)}),
-            ("think+snapkv+fp8", {"think": ThinK(0.5, window=args.window),
-                                  "eviction": Eviction("snapkv", 0.6, observe=args.window), "fp8": FP8()})]
+    think = ThinK(0.5, window=args.window, observe=args.window, fold_every=args.window)
+    grid = [("DynamicCache", None), ("think 0.5", {"think": think}),
+            ("think 0.5 + snapkv 0.3 + fp8", {"think": think, "eviction": Eviction("snapkv", 0.3, observe=args.window),
+                                              "fp8": FP8()})]
     times: dict[str, list[float]] = {name: [] for name, _ in grid}
     for rep in range(8):
         for name, settings in grid:
