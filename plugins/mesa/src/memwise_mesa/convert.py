@@ -82,8 +82,8 @@ def _norm_width(module: nn.Module) -> int:
 
 
 def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-              kinds: Sequence[str] = KINDS, groups: int = 8,
-              attention_groups: str = "head") -> tuple[list[Conversion], MesaReport]:
+              kinds: Sequence[str] = KINDS, groups: int = 0,
+              attention_groups: str = "head_channel") -> tuple[list[Conversion], MesaReport]:
     """The conversions ``apply_mesa`` would make, without touching ``model``."""
     report = MesaReport()
     plan: list[Conversion] = []
@@ -98,6 +98,8 @@ def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequen
             report.already.append(name)
             if kind == "glu":
                 glu_children.add(f"{name}.act_fn")
+                if layers.fuses_down_proj(module):
+                    glu_children.add(f"{name}.down_proj")
             continue
         if kind not in kinds:
             report.skipped[name] = f"kind '{kind}' not in layers"
@@ -105,7 +107,7 @@ def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequen
         if not _selected(name, include, exclude):
             report.skipped[name] = "excluded by include/exclude"
             continue
-        if kind == "activation" and name in glu_children:
+        if kind in ("activation", "linear") and name in glu_children:
             continue
         if kind == "linear":
             specs = [QuantizerSpec("mesa_input", "channel", channel_groups(module.in_features, groups))]
@@ -117,6 +119,8 @@ def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequen
             width = channel_groups(module.gate_proj.out_features, groups)
             specs = [QuantizerSpec("mesa_gate", "channel", width), QuantizerSpec("mesa_up", "channel", width)]
             glu_children.add(f"{name}.act_fn")
+            if layers.fuses_down_proj(module):
+                glu_children.add(f"{name}.down_proj")
         else:
             impl = getattr(module.config, "_attn_implementation", None)
             if impl not in ("sdpa", attention.IMPLEMENTATION):
@@ -138,14 +142,14 @@ _MIXINS = {"linear": layers.MesaLinearMixin, "norm": layers.MesaRecomputeMixin,
 
 
 def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-               kinds: Sequence[str] = KINDS, groups: int = 8, decay: float = 0.9,
-               stochastic: bool = True, attention_groups: str = "head") -> MesaReport:
+               kinds: Sequence[str] = KINDS, groups: int = 0, decay: float = 0.9,
+               stochastic: bool = True, attention_groups: str = "head_channel") -> MesaReport:
     """Convert ``model`` in place so that the covered layers save 8-bit activations.
 
     ``include``/``exclude``: fnmatch patterns on module names (``"*lm_head"``,
-    ``"model.layers.0.*"``). ``groups``: channel groups per non-attention tensor
-    (a divisor of the width is used). ``attention_groups``: one range per head (``head``)
-    or per head and channel (``head_channel``) for q, k and v. Warns ``NoEffectWarning``
+    ``"model.layers.0.*"``). ``groups``: ranges per non-attention tensor, 0 for one per
+    channel, n for n contiguous channel groups. ``attention_groups``: one range per head and
+    channel (``head_channel``) or per head (``head``) for q, k and v. Warns ``NoEffectWarning``
     when nothing changes.
     """
     if bits != 8:

@@ -16,6 +16,7 @@ from torch import nn
 
 from memwise.memory import MemoryDelta
 from memwise_mesa.convert import Conversion
+from memwise_mesa.layers import fuses_down_proj
 
 QUANTIZER_FIXED_BYTES = 8  # the int64 step counter
 SIBLING_INPUTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query", "key", "value")
@@ -50,6 +51,8 @@ def activation_delta(model: nn.Module, plan: Sequence[Conversion], tokens: int, 
         elif conv.kind == "glu":
             width = m.gate_proj.out_features
             delta += tokens * width * (2 - 3 * act_bytes)
+            if fuses_down_proj(m):  # the down projection's input is not saved at all
+                delta -= tokens * width * (2 if mixed else act_bytes)
         elif conv.kind == "attention":
             d = m.head_dim
             heads = m.q_proj.out_features // d

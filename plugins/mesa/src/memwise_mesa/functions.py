@@ -2,6 +2,7 @@
 activations are 8-bit packed tensors.
 
 ``MesaLinearFn`` computes the linear backward directly from the dequantized input.
+``GatedDownFn`` is a SwiGLU MLP's ``down(act(g) * u)``: it keeps only g and u in 8 bits.
 ``RecomputeFn`` serves norms, activations, the SwiGLU product and attention: it keeps
 only its packed inputs and, in backward, re-runs the same forward on the dequantized
 inputs and backpropagates through it (autocast state and, when asked, RNG state replayed).
@@ -47,6 +48,46 @@ class MesaLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
         return grad_x, grad_w, grad_b, None
+
+
+class GatedDownFn(torch.autograd.Function):
+    """``F.linear(act(g) * u, weight, bias)`` saving only ``g`` and ``u`` in 8 bits.
+
+    The product ``h`` (the down projection's input, heavy-tailed as a product of two
+    projections) is neither saved nor quantized: backward rebuilds it from the 8-bit g and u,
+    which keeps one tensor fewer and gives the down projection's weight gradient the
+    resolution of g and u instead of that of one range stretched over h's tails.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                bias: torch.Tensor | None, act: Callable, packers: Sequence[Packer]) -> torch.Tensor:
+        out = F.linear(act(g) * u, weight, bias)
+        ctx.act = act
+        ctx.packed = [packers[0](g), packers[1](u)]
+        ctx.dtypes = (g.dtype, u.dtype)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        need_g, need_u, need_w, need_b = ctx.needs_input_grad[:4]
+        g, u = (unpack(p, dt).requires_grad_(n) for p, dt, n in zip(ctx.packed, ctx.dtypes, (need_g, need_u)))
+        with torch.enable_grad():
+            h = ctx.act(g) * u
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_w = flat.t() @ h.detach().reshape(-1, h.shape[-1]).to(flat.dtype) if need_w else None
+        grad_b = flat.sum(0) if ctx.has_bias and need_b else None
+        grad_g = grad_u = None
+        if need_g or need_u:
+            grad_h = (grad @ weight).to(h.dtype)
+            targets = [t for t, n in ((g, need_g), (u, need_u)) if n]
+            found = iter(torch.autograd.grad(h, targets, grad_h))
+            grad_g = next(found) if need_g else None
+            grad_u = next(found) if need_u else None
+        return grad_g, grad_u, grad_w, grad_b, None, None
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memwise_mesa.functions import MesaLinearFn, RecomputeFn
+from memwise_mesa.functions import GatedDownFn, MesaLinearFn, RecomputeFn
 from memwise_mesa.quantizer import RangeQuantizer
 from memwise_mesa.sharing import pack_shared
 
@@ -60,24 +60,40 @@ class MesaRecomputeMixin:
         return RecomputeFn.apply(super().forward, [packer(self, self.mesa_input)], False, 1, x, *own_params(self))
 
 
+def fuses_down_proj(mlp: nn.Module) -> bool:
+    """True when the down projection is a plain ``nn.Linear`` that the gated MLP computes itself."""
+    return type(mlp.down_proj) is nn.Linear
+
+
 class MesaGatedMLPMixin:
     """``down(act(gate(x)) * up(x))`` with the product's two inputs saved in 8 bits.
 
-    The activation's input and both operands of the product collapse into the two 8-bit
-    projections ``gate(x)`` and ``up(x)``; backward recomputes ``act(g) * u``.
+    The activation's input, both operands of the product and, when the down projection is
+    a plain ``nn.Linear``, its input too collapse into the two 8-bit projections
+    ``gate(x)`` and ``up(x)``; backward recomputes ``act(g) * u`` from them. A down
+    projection of another class (an adapter, an already converted linear) is called as is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_proj(x)
         u = self.up_proj(x)
         act = self.act_fn
-        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
-            h = RecomputeFn.apply(lambda a, b: act(a) * b,
-                                  [packer(self, self.mesa_gate), packer(self, self.mesa_up)], False, 2, g, u)
-            del g, u  # only their 8-bit copies are needed now: free them before down_proj runs
-        else:
-            h = act(g) * u
-        return self.down_proj(h)
+        down = self.down_proj
+        if not (torch.is_grad_enabled() and (g.requires_grad or u.requires_grad)):
+            return down(act(g) * u)
+        packers = [packer(self, self.mesa_gate), packer(self, self.mesa_up)]
+        if fuses_down_proj(self):
+            weight, bias = down.weight, down.bias
+            if torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+                weight = weight.to(dtype)
+                bias = bias.to(dtype) if bias is not None else None
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    return GatedDownFn.apply(g, u.to(g.dtype), weight, bias, act, packers)
+            return GatedDownFn.apply(g, u, weight, bias, act, packers)
+        h = RecomputeFn.apply(lambda a, b: act(a) * b, packers, False, 2, g, u)
+        del g, u  # only their 8-bit copies are needed now: free them before down_proj runs
+        return down(h)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}

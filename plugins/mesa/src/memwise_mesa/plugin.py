@@ -19,7 +19,7 @@ class MesaPlugin(memwise.Plugin):
     """
 
     name = "mesa"
-    summary = "8-bit saved activations with head-wise/channel-group ranges learned by running estimates"
+    summary = "8-bit saved activations with per-head/per-channel ranges learned by running estimates"
     stages = ("fit",)
     phase = "replace"
     distribution = "memwise-mesa"
@@ -29,9 +29,10 @@ class MesaPlugin(memwise.Plugin):
     class Config:
         bits: int = option(8, "bits per saved activation value (only 8 is implemented)")
         decay: float = option(0.9, "running-range momentum: range <- decay * range + (1 - decay) * batch range")
-        groups: int = option(8, "channel groups per non-attention tensor (a divisor of the width is used)")
-        attention_groups: str = option("head", "ranges of q, k, v: one per head ('head') or per head and channel "
-                                               "('head_channel')")
+        groups: int = option(0, "ranges per non-attention tensor: 0 = one per channel, n = n contiguous channel "
+                                "groups (the largest divisor of the width not above n)")
+        attention_groups: str = option("head_channel", "ranges of q, k, v: one per head and channel "
+                                                       "('head_channel') or one per head ('head')")
         stochastic: bool = option(True, "stochastic rounding (unbiased); false rounds to nearest")
         include: list[str] = option(["*"], "fnmatch patterns of module names to convert")
         exclude: list[str] = option([], "fnmatch patterns of module names to leave alone, e.g. '*lm_head'")
@@ -46,8 +47,9 @@ class MesaPlugin(memwise.Plugin):
             problems.append(Problem("mesa.bits", f"got {c.bits}; only 8-bit storage is implemented: set bits: 8"))
         if not 0.0 <= c.decay < 1.0:
             problems.append(Problem("mesa.decay", f"got {c.decay}; use a momentum in [0, 1), e.g. 0.9"))
-        if c.groups < 1:
-            problems.append(Problem("mesa.groups", f"got {c.groups}; use a positive number of channel groups"))
+        if c.groups < 0:
+            problems.append(Problem("mesa.groups", f"got {c.groups}; use 0 (one range per channel) or a positive "
+                                                   "number of channel groups"))
         if c.attention_groups not in ATTENTION_GROUPS:
             problems.append(Problem("mesa.attention_groups",
                                     f"got {c.attention_groups!r}; choose from {', '.join(ATTENTION_GROUPS)}"))

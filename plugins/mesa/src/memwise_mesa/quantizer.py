@@ -50,8 +50,11 @@ def group_view(shape: torch.Size, layout: Layout, groups: int) -> tuple[int, int
 
 
 def channel_groups(channels: int, wanted: int) -> int:
-    """The number of contiguous channel groups used for ``channels``: its largest divisor <= ``wanted``."""
-    return max(d for d in range(1, min(channels, wanted) + 1) if channels % d == 0)
+    """Contiguous channel groups used for ``channels``: one per channel when ``wanted`` is 0, else the
+    largest divisor of ``channels`` not above ``wanted``."""
+    if wanted == 0 or wanted >= channels:
+        return channels
+    return max(d for d in range(1, wanted + 1) if channels % d == 0)
 
 
 def packing_order(x: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -94,7 +97,7 @@ class RangeQuantizer(nn.Module):
     """
 
     def __init__(self, layout: Layout, groups: int | None, decay: float = 0.9, bits: int = 8,
-                 stochastic: bool = True, wanted_groups: int = 8) -> None:
+                 stochastic: bool = True, wanted_groups: int = 0) -> None:
         super().__init__()
         self.layout = layout
         self.decay = decay
