@@ -82,7 +82,7 @@ def _norm_width(module: nn.Module) -> int:
 
 
 def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-              kinds: Sequence[str] = KINDS, groups: int = 0,
+              kinds: Sequence[str] = KINDS, groups: int = 256,
               attention_groups: str = "head_channel") -> tuple[list[Conversion], MesaReport]:
     """The conversions ``apply_mesa`` would make, without touching ``model``."""
     report = MesaReport()
@@ -142,13 +142,13 @@ _MIXINS = {"linear": layers.MesaLinearMixin, "norm": layers.MesaRecomputeMixin,
 
 
 def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-               kinds: Sequence[str] = KINDS, groups: int = 0, decay: float = 0.9,
+               kinds: Sequence[str] = KINDS, groups: int = 256, decay: float = 0.9,
                stochastic: bool = True, attention_groups: str = "head_channel") -> MesaReport:
     """Convert ``model`` in place so that the covered layers save 8-bit activations.
 
     ``include``/``exclude``: fnmatch patterns on module names (``"*lm_head"``,
-    ``"model.layers.0.*"``). ``groups``: ranges per non-attention tensor, 0 for one per
-    channel, n for n contiguous channel groups. ``attention_groups``: one range per head and
+    ``"model.layers.0.*"``). ``groups``: ranges per non-attention tensor, n contiguous
+    channel groups (one per channel up to width n), 0 for one per channel. ``attention_groups``: one range per head and
     channel (``head_channel``) or per head (``head``) for q, k and v. Warns ``NoEffectWarning``
     when nothing changes.
     """

@@ -28,7 +28,7 @@ def _skip(t: torch.Tensor, min_numel: int) -> bool:
         type(t.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
 
 
-def pack_dynamic(x: torch.Tensor, groups: int = 0, stochastic: bool = True) -> PackedTensor:
+def pack_dynamic(x: torch.Tensor, groups: int = 256, stochastic: bool = True) -> PackedTensor:
     """``x`` in 8 bits with its own per-group min/max as range."""
     x = x.detach().contiguous()
     layout = "head" if x.dim() == 4 else "channel"
@@ -39,7 +39,7 @@ def pack_dynamic(x: torch.Tensor, groups: int = 0, stochastic: bool = True) -> P
 
 
 @contextlib.contextmanager
-def generic_mesa(min_numel: int = 4096, groups: int = 0, stochastic: bool = True) -> Iterator[None]:
+def generic_mesa(min_numel: int = 4096, groups: int = 256, stochastic: bool = True) -> Iterator[None]:
     """Within this context, saved floating tensors of at least ``min_numel`` elements are 8-bit."""
     packed_by_id: dict[int, tuple[weakref.ref, int, PackedTensor]] = {}
 

@@ -29,8 +29,9 @@ class MesaPlugin(memwise.Plugin):
     class Config:
         bits: int = option(8, "bits per saved activation value (only 8 is implemented)")
         decay: float = option(0.9, "running-range momentum: range <- decay * range + (1 - decay) * batch range")
-        groups: int = option(0, "ranges per non-attention tensor: 0 = one per channel, n = n contiguous channel "
-                                "groups (the largest divisor of the width not above n)")
+        groups: int = option(256, "ranges per non-attention tensor: n contiguous channel groups (the largest "
+                                  "divisor of the width not above n; one per channel up to width n), 0 = one "
+                                  "per channel")
         attention_groups: str = option("head_channel", "ranges of q, k, v: one per head and channel "
                                                        "('head_channel') or one per head ('head')")
         stochastic: bool = option(True, "stochastic rounding (unbiased); false rounds to nearest")

@@ -97,7 +97,7 @@ class RangeQuantizer(nn.Module):
     """
 
     def __init__(self, layout: Layout, groups: int | None, decay: float = 0.9, bits: int = 8,
-                 stochastic: bool = True, wanted_groups: int = 0) -> None:
+                 stochastic: bool = True, wanted_groups: int = 256) -> None:
         super().__init__()
         self.layout = layout
         self.decay = decay
