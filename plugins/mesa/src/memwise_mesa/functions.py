@@ -22,6 +22,15 @@ from memwise_mesa.quantizer import unpack
 Packer = Callable[[torch.Tensor], PackedTensor]
 
 
+def linear_param_grads(grad: torch.Tensor, x: torch.Tensor | None, need_w: bool,
+                       need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias gradients of ``F.linear(x, weight, bias)`` from the output gradient."""
+    flat = grad.reshape(-1, grad.shape[-1])
+    grad_w = flat.t() @ x.reshape(-1, x.shape[-1]).to(flat.dtype) if need_w else None
+    grad_b = flat.sum(0) if need_b else None
+    return grad_w, grad_b
+
+
 class MesaLinearFn(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` saving ``x`` in 8 bits (the weight is kept as is)."""
 
@@ -38,15 +47,10 @@ class MesaLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (weight,) = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).to(ctx.x_dtype)
-        flat = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            x_hat = unpack(ctx.packed, weight.dtype)
-            grad_w = flat.t() @ x_hat.reshape(-1, x_hat.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = flat.sum(0)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = (grad @ weight).to(ctx.x_dtype) if need_x else None
+        x_hat = unpack(ctx.packed, weight.dtype) if need_w else None
+        grad_w, grad_b = linear_param_grads(grad, x_hat, need_w, ctx.has_bias and need_b)
         return grad_x, grad_w, grad_b, None
 
 
@@ -77,9 +81,7 @@ class GatedDownFn(torch.autograd.Function):
         g, u = (unpack(p, dt).requires_grad_(n) for p, dt, n in zip(ctx.packed, ctx.dtypes, (need_g, need_u)))
         with torch.enable_grad():
             h = ctx.act(g) * u
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_w = flat.t() @ h.detach().reshape(-1, h.shape[-1]).to(flat.dtype) if need_w else None
-        grad_b = flat.sum(0) if ctx.has_bias and need_b else None
+        grad_w, grad_b = linear_param_grads(grad, h.detach(), need_w, ctx.has_bias and need_b)
         grad_g = grad_u = None
         if need_g or need_u:
             grad_h = (grad @ weight).to(h.dtype)
