@@ -30,6 +30,17 @@ def packer(module: nn.Module, quantizer: RangeQuantizer) -> Any:
     return lambda x: pack_shared(quantizer, x, update=module.training)
 
 
+def with_autocast_weights(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn: Any) -> Any:
+    """``fn(weight, bias)``, under autocast with both cast to its dtype and autocast off inside
+    (as ``F.linear`` under autocast computes), otherwise as they are."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return fn(weight, bias)
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type=device_type, enabled=False):
+        return fn(weight.to(dtype), bias.to(dtype) if bias is not None else None)
+
+
 def own_params(module: nn.Module) -> list[torch.Tensor]:
     return [p for p in module._parameters.values() if p is not None]
 
@@ -40,15 +51,8 @@ class MesaLinearMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not saving(x, self):
             return super().forward(x)
-        weight, bias = self.weight, self.bias
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            weight = weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-            with torch.autocast(device_type=device_type, enabled=False):
-                return MesaLinearFn.apply(x, weight, bias, packer(self, self.mesa_input))
-        return MesaLinearFn.apply(x, weight, bias, packer(self, self.mesa_input))
+        pack = packer(self, self.mesa_input)
+        return with_autocast_weights(x, self.weight, self.bias, lambda w, b: MesaLinearFn.apply(x, w, b, pack))
 
 
 class MesaRecomputeMixin:
@@ -83,14 +87,8 @@ class MesaGatedMLPMixin:
             return down(act(g) * u)
         packers = [packer(self, self.mesa_gate), packer(self, self.mesa_up)]
         if fuses_down_proj(self):
-            weight, bias = down.weight, down.bias
-            if torch.is_autocast_enabled(x.device.type):
-                dtype = torch.get_autocast_dtype(x.device.type)
-                weight = weight.to(dtype)
-                bias = bias.to(dtype) if bias is not None else None
-                with torch.autocast(device_type=x.device.type, enabled=False):
-                    return GatedDownFn.apply(g, u.to(g.dtype), weight, bias, act, packers)
-            return GatedDownFn.apply(g, u, weight, bias, act, packers)
+            return with_autocast_weights(x, down.weight, down.bias,
+                                         lambda w, b: GatedDownFn.apply(g, u.to(g.dtype), w, b, act, packers))
         h = RecomputeFn.apply(lambda a, b: act(a) * b, packers, False, 2, g, u)
         del g, u  # only their 8-bit copies are needed now: free them before down_proj runs
         return down(h)

@@ -73,7 +73,12 @@ def group_min_max(x: torch.Tensor, groups: int, inner: int) -> tuple[torch.Tenso
 def pack_with_range(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, layout: Layout, groups: int,
                     bits: int = 8, stochastic: bool = True) -> PackedTensor:
     """Quantize ``x`` with the given per-group range ``alpha`` and offset ``beta``."""
-    x = packing_order(x, layout)
+    return pack_ordered(packing_order(x, layout), alpha, beta, layout, groups, bits, stochastic)
+
+
+def pack_ordered(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, layout: Layout, groups: int,
+                 bits: int = 8, stochastic: bool = True) -> PackedTensor:
+    """``pack_with_range`` of an ``x`` already in ``packing_order``."""
     groups, inner = group_view(x.shape, layout, groups)
     levels = 2**bits - 1
     alpha = alpha.float().clamp_min(TINY_RANGE)
@@ -120,11 +125,13 @@ class RangeQuantizer(nn.Module):
             self.alpha = torch.zeros(n, device=x.device)
             self.beta = torch.zeros(n, device=x.device)
 
-    @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Fold the per-group min/max of ``x`` into the running ranges."""
         self._ensure_size(x)
-        x = packing_order(x, self.layout)
+        self._fold(packing_order(x, self.layout))
+
+    @torch.no_grad()
+    def _fold(self, x: torch.Tensor) -> None:
         groups, inner = group_view(x.shape, self.layout, self.groups)
         lo, hi = group_min_max(x, groups, inner)
         lo, hi = lo.to(self.alpha.device), hi.to(self.alpha.device)
@@ -138,9 +145,11 @@ class RangeQuantizer(nn.Module):
 
     def pack(self, x: torch.Tensor, update: bool = True) -> PackedTensor:
         """8-bit ``x``; with ``update`` (training) the running ranges see this batch first."""
+        self._ensure_size(x)
+        ordered = packing_order(x, self.layout)  # one copy at most, shared by observing and packing
         if update or int(self.steps) == 0:
-            self.observe(x)
-        return pack_with_range(x, self.alpha, self.beta, self.layout, self.groups, self.bits, self.stochastic)
+            self._fold(ordered)
+        return pack_ordered(ordered, self.alpha, self.beta, self.layout, self.groups, self.bits, self.stochastic)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         for name in ("alpha", "beta"):
