@@ -63,3 +63,32 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "memwise.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+REAL_MODEL = "SmolLM2-135M-Instruct"
+"""The real test model's folder name under ``.cache/models`` (``make model`` writes it)."""
+
+
+def real_model_path() -> Path | None:
+    """The converted SmolLM2-135M-Instruct folder, or None when it has not been fetched.
+
+    Looked up in ``$MEMWISE_MODELS`` when set, else in ``.cache/models`` of the current
+    folder and of this checkout (``make model`` writes it there).
+    """
+    roots = [Path(os.environ["MEMWISE_MODELS"])] if os.environ.get("MEMWISE_MODELS") else []
+    roots += [Path.cwd() / ".cache" / "models", Path(__file__).resolve().parents[1] / ".cache" / "models"]
+    for root in roots:
+        folder = root / REAL_MODEL
+        if (folder / "memwise-source.json").is_file():
+            return folder
+    return None
+
+
+def require_real_model() -> Path:
+    """The real model's folder, or skip the calling test saying how to fetch it."""
+    import pytest
+
+    folder = real_model_path()
+    if folder is None:
+        pytest.skip(f"{REAL_MODEL} not fetched: run `make model` (tools/models/smollm2.py) first")
+    return folder
