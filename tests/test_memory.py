@@ -23,8 +23,26 @@ def check_prediction(rows, report):
 def test_tiny_prediction(precision):
     rows, report = measure_recipe("base/tiny", FAST + [f"trainer.precision={precision}"], warm=False)
     check_prediction(rows, report)
-    # the probe restores everything it touched: a second probe measures the same bytes
-    assert report.after_step["optimizer_state"] > 0
+
+
+def test_probe_restores_what_it_touched(micro):
+    """A probe leaves the weights as they were, so a second probe measures the very same bytes."""
+    import torch
+
+    from memwise import recipe
+    from memwise.runner import Run
+
+    run = Run(recipe.load(micro, []), "fit")
+    run.build()
+    run.transform()
+    before = {k: v.clone() for k, v in run.ctx.model.state_dict().items()}
+    first = run.probe_without_training(warm=False)
+    after = run.ctx.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    second = run.probe_without_training(warm=False)
+    assert first.after_step["optimizer_state"] > 0
+    for name in ("at_peak", "after_forward", "category_max", "after_step", "peak_total"):
+        assert getattr(first, name) == getattr(second, name), name
 
 
 @pytest.fixture(scope="module")
