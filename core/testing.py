@@ -23,6 +23,24 @@ DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 """Overrides for two CPU processes under DDP (gloo)."""
 
 
+def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2, inter: int = 128,
+               vocab: int = 260, seed: int = 0) -> "torch.nn.Module":
+    """A seeded random HF Llama small enough for unit tests (GQA: 4 query heads over 2 KV heads)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab)
+    return LlamaForCausalLM(config)
+
+
+def run_under_triton_interpreter(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a Python script in a subprocess with TRITON_INTERPRET=1 (triton reads it at import)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def read_metrics(folder: Path) -> list[dict]:
     """The rows of a run's metrics.csv."""
     with open(Path(folder) / "metrics.csv") as f:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a micro recipe, the CLI in-process, and small Llama models."""
+"""Shared fixtures: a micro recipe and the CLI in-process (models come from memwise's pytest plugin)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "tests" / "recipes" / "micro.yaml")
@@ -34,13 +33,7 @@ def cli(capsys):
 
 @pytest.fixture
 def make_llama():
-    return llama
+    """The tiny Llama factory of memwise.testing (also the ``tiny_llama`` fixture of memwise's pytest plugin)."""
+    from memwise.testing import tiny_llama
 
-
-def llama(hidden=64, layers=2, heads=4, kv=2, inter=128, vocab=260, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama
