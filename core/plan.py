@@ -79,8 +79,7 @@ def check(plugins: Sequence[Plugin], stage: str) -> list[Problem]:
                 if b.name in a.composes_with or a.name in b.composes_with:
                     continue
                 problems.append(Problem("plugins", f"plugins '{a.name}' and '{b.name}' both provide '{cap}'; "
-                                        f"keep one, or switch that part off in one of them"
-                                        + _switch_hint(a, b, cap)))
+                                        + _clash_hint(a, b, cap)))
     provided = set(providers)
     for i, p in enumerate(plugins):
         for cap in p.requires() - provided:
@@ -89,9 +88,12 @@ def check(plugins: Sequence[Plugin], stage: str) -> list[Problem]:
     return problems
 
 
-def _switch_hint(a: Plugin, b: Plugin, cap: str) -> str:
-    hints = [h for h in (getattr(a, "capability_switch", {}).get(cap), getattr(b, "capability_switch", {}).get(cap)) if h]
-    return f" (for example set {hints[0]})" if hints else ""
+def _clash_hint(a: Plugin, b: Plugin, cap: str) -> str:
+    """What to do: a plugin's own switch for that part when one has it, else keep one plugin."""
+    switches = [f"{p.name}: set {p.capability_switch[cap]}" for p in (a, b) if cap in p.capability_switch]
+    if switches:
+        return "keep one, or switch that part off (" + "; ".join(switches) + ")"
+    return f"keep one of them (neither has a setting that turns '{cap}' off)"
 
 
 class ClaimsLedger:

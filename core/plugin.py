@@ -59,6 +59,9 @@ class Plugin:
     hook_api: ClassVar[int] = HOOK_API
     distribution: ClassVar[str] = ""
     """The distribution that ships the plugin, for install hints and manifests."""
+    capability_switch: ClassVar[dict[str, str]] = {}
+    """Per capability it provides, the recipe setting that turns that part off (e.g. COAT's
+    ``{"activation.storage": "coat.activations: false"}``), quoted in clash messages."""
 
     @dataclasses.dataclass
     class Config:

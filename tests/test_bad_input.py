@@ -57,6 +57,17 @@ def test_two_plugins_one_capability(bad, tmp_path, micro):
     recipe = write(tmp_path, f"extends: [{micro}]\nplugins: [{{use: checkpointing}}, {{use: mesa}}]\n")
     err = bad(recipe=recipe)
     assert "both provide 'activation.storage'" in err and "'checkpointing'" in err and "'mesa'" in err
+    # neither has a switch for that part: the hint says so instead of asking for one
+    assert "neither has a setting that turns 'activation.storage' off" in err
+
+
+def test_capability_clash_quotes_the_plugins_own_switch(bad, tmp_path, micro):
+    pytest.importorskip("memwise_coat")
+    pytest.importorskip("memwise_mesa")
+    recipe = write(tmp_path, f"extends: [{micro}]\nplugins: [{{use: coat}}, {{use: mesa}}]\n")
+    err = bad(recipe=recipe)
+    assert "both provide 'activation.storage'" in err
+    assert "coat: set coat.activations: false" in err
 
 
 def test_stage_that_does_not_fit_the_command(bad, tmp_path, micro):
