@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -77,3 +78,32 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, tota
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def repoint_schedulers(schedulers: list, old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Move LR schedulers built on ``old`` onto its replacement ``new`` (same groups, same order).
+
+    The new groups take the user's base rates (``initial_lr``) and the rate the schedule is at
+    now (so a warm-up that started at 0 stays at 0), and ``new.step`` is marked the way torch's
+    schedulers mark the optimizer they were built on, so their step-order check keeps working
+    without the "optimizer.step() has been overridden" warning.
+    """
+    if len(new.param_groups) != len(old.param_groups):
+        raise ValueError(f"the replacement optimizer has {len(new.param_groups)} parameter groups, the original "
+                         f"{len(old.param_groups)}: schedulers cannot be moved onto it")
+    for before, after in zip(old.param_groups, new.param_groups):
+        after["initial_lr"] = before.get("initial_lr", before["lr"])
+        after["lr"] = before["lr"]
+    for scheduler in schedulers:
+        scheduler.optimizer = new
+        scheduler.base_lrs = [group["initial_lr"] for group in new.param_groups]
+    if schedulers and not hasattr(new.step, "_wrapped_by_lr_sched"):
+        step = new.step
+
+        @functools.wraps(step)
+        def counted_step(*args: Any, **kwargs: Any) -> Any:
+            new._opt_called = True  # what torch's scheduler wrapper records
+            return step(*args, **kwargs)
+
+        counted_step._wrapped_by_lr_sched = True
+        new.step = counted_step

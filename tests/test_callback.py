@@ -87,6 +87,40 @@ def test_optimizer_replacement_repoints_the_scheduler(make_llama):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5)  # one epoch: one StepLR step
 
 
+def test_optimizer_replacement_keeps_warm_up_and_base_rates(make_llama):
+    """A swapped optimizer continues the user's schedule: warm-up from 0, the user's base rate,
+    and no warning from torch's scheduler that optimizer.step was overridden."""
+    import warnings
+
+    rates = []
+
+    class Swap(memwise.Plugin):
+        name = "swap"
+
+        @hookimpl
+        def memwise_configure_optimizer(self, ctx):
+            groups = [{"params": g["params"]} for g in ctx.optimizer.param_groups]
+            ctx.optimizer = torch.optim.SGD(groups, lr=5.0)  # a default the schedule must not leak
+
+        @hookimpl
+        def memwise_on_before_optimizer_step(self, ctx, optimizer):
+            rates.append(optimizer.param_groups[0]["lr"])
+
+    class WarmUp(UserModule):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.net.parameters(), lr=0.2)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 4))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = trainer([Swap().as_callback()], steps=4)
+        t.fit(WarmUp(make_llama))
+    assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    assert t.lr_scheduler_configs[0].scheduler.base_lrs == [0.2]
+    assert not [w for w in caught if "overridden" in str(w.message) or "before `optimizer.step()`" in str(w.message)]
+
+
 def test_configure_model_needs_memwise_precision(make_llama):
     cb = CheckpointingPlugin().as_callback()
     with pytest.raises(MemwiseError, match="MemwisePrecision"):

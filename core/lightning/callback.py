@@ -15,6 +15,7 @@ from memwise import plan
 from memwise.checkpoint import check_manifest, manifest
 from memwise.context import RunContext
 from memwise.errors import MemwiseError, RecipeError
+from memwise.optim import repoint_schedulers
 from memwise.manager import PluginHost
 
 
@@ -86,11 +87,8 @@ class MemwiseCallback(pl.Callback):
         old = ctx.optimizer = trainer.optimizers[0]
         self.host.hook.memwise_configure_optimizer(ctx=ctx)
         if ctx.optimizer is not old:
-            for group in ctx.optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
+            repoint_schedulers([c.scheduler for c in trainer.lr_scheduler_configs], old, ctx.optimizer)
             trainer.optimizers = [ctx.optimizer]
-            for config in trainer.lr_scheduler_configs:
-                config.scheduler.optimizer = ctx.optimizer
         ctx.schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
