@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memwise
 from memwise.context import RunContext, Workload
 from memwise.plan import check
-from memwise_mesa import MesaPlugin, apply_mesa, load_ranges_state_dict, ranges_state_dict
+from memwise_mesa import MesaPlugin, apply_mesa, load_ranges_state_dict, ranges_state_dict, rounding
 
 
 def llama(hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
@@ -131,10 +131,11 @@ def test_resume_reproduces_the_uninterrupted_run():
     torch.manual_seed(5)
     head, opt = _train(first, 3, data)
     state = {"model": copy.deepcopy(first.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-             "rng": torch.get_rng_state()}
+             "rng": torch.get_rng_state(), "rounding": rounding.state_dict()}
     resumed = llama()
     apply_mesa(resumed)
     resumed.load_state_dict(state["model"])
+    rounding.load_state_dict(state["rounding"])  # Mesa's stochastic-rounding stream
     opt2 = torch.optim.AdamW(resumed.parameters(), lr=3e-3)
     opt2.load_state_dict(state["opt"])
     torch.set_rng_state(state["rng"])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from memwise.errors import NoEffectWarning
-from memwise_mesa import attention, layers
+from memwise_mesa import attention, layers, rounding
 from memwise_mesa.quantizer import RangeQuantizer, channel_groups
 
 KINDS = ("linear", "norm", "activation", "glu", "attention")
@@ -157,6 +157,8 @@ def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",),
     if attention_groups not in ATTENTION_GROUPS:
         raise ValueError(f"attention_groups={attention_groups!r}: choose from {', '.join(ATTENTION_GROUPS)}")
     plan, report = plan_mesa(model, include, exclude, kinds, groups, attention_groups)
+    if plan:  # the rounding stream follows the caller's seed (torch.manual_seed before conversion)
+        rounding.reseed(int(torch.randint(0, 2**62, (1,)).item()))
     modules = dict(model.named_modules())
     attention_used = False
     for conv in plan:

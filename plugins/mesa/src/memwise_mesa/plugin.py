@@ -15,7 +15,9 @@ class MesaPlugin(memwise.Plugin):
 
     State: the running ranges are buffers of the converted model (``*.mesa_*.alpha``,
     ``beta``, ``steps``), so any model checkpoint carries them; ``memwise_state_dict``
-    returns the same values and, being loaded after the model, is authoritative.
+    returns the same values and, being loaded after the model, is authoritative, plus the
+    stochastic-rounding stream (``memwise_mesa.rounding``), so resume is exact in callback
+    mode too, where Lightning does not checkpoint torch's global RNG.
     """
 
     name = "mesa"
@@ -115,15 +117,19 @@ class MesaPlugin(memwise.Plugin):
 
     @memwise.hookimpl
     def memwise_state_dict(self, ctx: Any) -> dict:
+        from memwise_mesa import rounding
         from memwise_mesa.convert import ranges_state_dict
 
-        return {"ranges": ranges_state_dict(ctx.model)}
+        return {"ranges": ranges_state_dict(ctx.model), "rounding": rounding.state_dict()}
 
     @memwise.hookimpl
     def memwise_load_state_dict(self, ctx: Any, state: dict) -> None:
+        from memwise_mesa import rounding
         from memwise_mesa.convert import load_ranges_state_dict
 
         load_ranges_state_dict(ctx.model, state["ranges"])
+        if "rounding" in state:  # checkpoints from before Mesa had its own stream lack it
+            rounding.load_state_dict(state["rounding"])
 
     @memwise.hookimpl
     def memwise_teardown(self, ctx: Any) -> None:

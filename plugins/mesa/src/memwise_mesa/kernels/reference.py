@@ -20,8 +20,9 @@ def _chunks(outer: int, row: int) -> tuple[range, int]:
 
 
 def quantize(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor, groups: int, inner: int,
-             levels: int = 255, stochastic: bool = True) -> torch.Tensor:
-    """uint8 codes of ``x`` (contiguous, viewed as (outer, groups, inner)) with fp32 group ranges."""
+             levels: int = 255, stochastic: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 codes of ``x`` (contiguous, viewed as (outer, groups, inner)) with fp32 group ranges;
+    stochastic rounding draws from ``generator`` (torch's default one when None)."""
     view = x.reshape(-1, groups, inner)
     q = torch.empty(view.shape, dtype=torch.uint8, device=x.device)
     offset = offset.float().reshape(1, groups, 1)
@@ -32,7 +33,7 @@ def quantize(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor, gro
         y = torch.sub(part.float(), offset)
         y.mul_(inv_scale)
         if stochastic:
-            y.add_(torch.rand(y.shape, device=y.device, dtype=torch.float32))
+            y.add_(torch.rand(y.shape, device=y.device, dtype=torch.float32, generator=generator))
         else:
             y.add_(0.5)
         # y >= 0 after the clamp, so the cast's truncation is the floor

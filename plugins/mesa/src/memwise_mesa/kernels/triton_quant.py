@@ -44,12 +44,12 @@ def _dequantize_kernel(q_ptr, out_ptr, scale_ptr, offset_ptr, n, GROUPS: tl.cons
 
 
 def quantize(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor, groups: int, inner: int,
-             levels: int = 255, stochastic: bool = True) -> torch.Tensor:
+             levels: int = 255, stochastic: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 codes of contiguous ``x``; see ``reference.quantize``."""
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     n = x.numel()
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic else 0
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if stochastic else 0
     grid = (triton.cdiv(n, BLOCK),)
     _quantize_kernel[grid](x, q, inv_scale.float().contiguous(), offset.float().contiguous(), n, seed,
                            GROUPS=groups, INNER=inner, LEVELS=float(levels), STOCHASTIC=stochastic, BLOCK=BLOCK)
