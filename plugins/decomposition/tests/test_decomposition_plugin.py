@@ -104,9 +104,31 @@ def test_state_round_trip_resumes_the_batch_order(tmp_path: Path) -> None:
         other.memwise_wrap_train_dataloader(ctx=ctx2)
 
 
-def test_estimate_scales_activations_with_the_largest_batch(tmp_path: Path) -> None:
+def test_estimate_matches_what_the_largest_batch_saves(tmp_path: Path) -> None:
+    """The predicted activations are those of the largest batch the sampler really yields,
+    measured with MemTracker on a model (SDPA: saved bytes grow with the tokens)."""
+    from memwise.memory import measure_step
+    from memwise.testing import tiny_llama
+
     p = DecompositionPlugin({"min_len": 32})
     ctx = context(tmp_path, p)
-    delta = p.memwise_estimate_memory(ctx=ctx, estimate=memwise.MemoryEstimate(activations=1024 * 1024))
-    assert delta.activations == 1024 * 1024 * (4 * 256 // 32 * 33) // (4 * 256) - 1024 * 1024
+    p.memwise_wrap_train_dataloader(ctx=ctx)
+    batches = [ctx.collate_fn([ctx.train_dataset[i] for i in b]) for b in ctx.batch_sampler]
+    largest = max(batches, key=lambda b: b["input_ids"].numel())
+
+    model = tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def saved(batch: dict) -> int:
+        report = measure_step(model, optimizer, lambda: model(input_ids=batch["input_ids"],
+                                                               labels=batch["labels"]).loss)
+        return report.after_forward["activations"]
+
+    ids = torch.randint(0, 256, (4, 256))
+    base = saved({"input_ids": ids, "labels": ids})
+    delta = p.memwise_estimate_memory(ctx=ctx, estimate=memwise.MemoryEstimate(activations=base))
+    measured = saved(largest)
+    assert abs(base + delta.activations - measured) <= 0.05 * measured, (base + delta.activations, measured)
     assert delta.parameters == delta.gradients == delta.optimizer_state == 0
+
+
