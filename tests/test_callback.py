@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -11,7 +13,7 @@ from memwise import hookimpl
 from memwise.errors import MemwiseError, RecipeError
 from memwise.lightning.callback import MemwiseCallback
 from memwise.lightning.precision import MemwisePrecision
-from memwise_checkpointing import CheckpointingPlugin
+from memwise.models import decoder_layers
 
 
 class UserModule(pl.LightningModule):
@@ -43,8 +45,32 @@ def trainer(callbacks, plugins=None, steps=2):
                       enable_model_summary=False)
 
 
-def checkpointed(module):
-    return [getattr(layer, "_memwise_checkpointed", False) for layer in module.net.model.layers]
+class Tag(memwise.Plugin):
+    """Core-only surgery for these tests: marks every decoder layer, and unmarks it at teardown."""
+
+    name = "tag"
+    phase = "wrap"
+
+    @dataclasses.dataclass
+    class Config:
+        layers: list[int] = memwise.option([], "decoder layers to mark (empty: all)")
+
+    @hookimpl
+    def memwise_transform_model(self, ctx):
+        for i, (name, layer) in enumerate(decoder_layers(ctx.model)):
+            if not self.config.layers or i in self.config.layers:
+                layer.tagged = True
+                ctx.claims.claim(name, self)
+
+    @hookimpl
+    def memwise_teardown(self, ctx):
+        for _, layer in decoder_layers(ctx.model):
+            layer.__dict__.pop("tagged", None)
+
+
+def tagged(module):
+    """Which decoder layers the Tag surgery marked."""
+    return [getattr(layer, "tagged", False) for layer in module.net.model.layers]
 
 
 def test_plugin_as_callback_applies_and_tears_down(make_llama):
@@ -56,15 +82,15 @@ def test_plugin_as_callback_applies_and_tears_down(make_llama):
 
         @hookimpl
         def memwise_on_train_batch_end(self, ctx, outputs, batch, batch_idx):
-            seen.append(checkpointed(ctx.module))
+            seen.append(tagged(ctx.module))
 
-    trainer([CheckpointingPlugin().as_callback(), Spy().as_callback()]).fit(module)
+    trainer([Tag().as_callback(), Spy().as_callback()]).fit(module)
     assert seen == [[True, True], [True, True]]
-    assert checkpointed(module) == [False, False]  # teardown undid the surgery
+    assert tagged(module) == [False, False]  # teardown undid the surgery
 
 
 def test_callbacks_form_one_plan(make_llama):
-    a, b = CheckpointingPlugin(layers=[0]).as_callback(), CheckpointingPlugin(layers=[1]).as_callback()
+    a, b = Tag(layers=[0]).as_callback(), Tag(layers=[1]).as_callback()
     with pytest.raises(RecipeError, match="listed twice"):
         trainer([a, b]).fit(UserModule(make_llama))
 
@@ -122,7 +148,7 @@ def test_optimizer_replacement_keeps_warm_up_and_base_rates(make_llama):
 
 
 def test_configure_model_needs_memwise_precision(make_llama):
-    cb = CheckpointingPlugin().as_callback()
+    cb = Tag().as_callback()
     with pytest.raises(MemwiseError, match="MemwisePrecision"):
         trainer([cb]).fit(UserModule(make_llama, late=True))
     seen = []
@@ -132,9 +158,9 @@ def test_configure_model_needs_memwise_precision(make_llama):
 
         @hookimpl
         def memwise_on_train_batch_start(self, ctx, batch, batch_idx):
-            seen.append(checkpointed(ctx.module))
+            seen.append(tagged(ctx.module))
 
-    cb = MemwiseCallback([CheckpointingPlugin(), Spy()])
+    cb = MemwiseCallback([Tag(), Spy()])
     module = UserModule(make_llama, late=True)
     trainer([cb], plugins=[MemwisePrecision(cb)]).fit(module)
     assert seen[0] == [True, True]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
 import torch
 
+import memwise
 from memwise.checkpoint import atomic_save, check_manifest, manifest, rng_state, safe_load, set_rng_state
 from memwise.errors import MemwiseError
-from memwise_checkpointing import CheckpointingPlugin
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -40,8 +41,16 @@ def test_loading_refuses_pickled_code(tmp_path):
         safe_load(path)
 
 
+class Layered(memwise.Plugin):
+    name = "layered"
+
+    @dataclasses.dataclass
+    class Config:
+        layers: list[int] = memwise.option([], "layer indices")
+
+
 def test_manifest_is_plain_and_rng_round_trips(tmp_path):
-    m = manifest([CheckpointingPlugin(layers=[0, 1])], {"name": "r"})
+    m = manifest([Layered(layers=[0, 1])], {"name": "r"})
     state = {"manifest": m, "rng": rng_state()}
     atomic_save(state, tmp_path / "s.pt")
     loaded = safe_load(tmp_path / "s.pt")
