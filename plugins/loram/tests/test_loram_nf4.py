@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from memwise_loram import NF4Linear, quantize_nf4
-from memwise_loram.nf4 import codebook, dequantize_reference, nf4_nbytes, scales_reference
+from memwise_loram.kernels import dequantize_reference, scales_reference
+from memwise_loram.nf4 import codebook, nf4_nbytes
 
 
 def test_codebook_is_the_nf4_levels():
@@ -87,7 +88,8 @@ def test_nf4_linear_forward_backward_and_nothing_dequantized_is_saved():
 KERNEL_CHECK = r"""
 import torch
 from memwise.kernels.dispatch import use_triton
-from memwise_loram.nf4 import quantize_nf4, dequantize, dequantize_reference
+from memwise_loram.nf4 import quantize_nf4
+from memwise_loram.kernels import dequantize, dequantize_reference
 torch.manual_seed(0)
 for shape, double, dtype in [((48, 64), False, torch.float32), ((300, 64), True, torch.float32),
                              ((7, 30), True, torch.bfloat16), ((1000,), False, torch.bfloat16)]:

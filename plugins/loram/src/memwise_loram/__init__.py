@@ -8,7 +8,8 @@ Nothing here imports triton; the kernel is imported on first CUDA (or interprete
 from memwise_loram.apply import apply_loram, export_recovered
 from memwise_loram.index_map import IndexMap, LayerKeep
 from memwise_loram.lora import LoraLinear, LoraSpec, adapter_state, inject_lora, merge_lora
-from memwise_loram.nf4 import NF4Tensor, dequantize, quantize_nf4
+from memwise_loram.kernels import dequantize
+from memwise_loram.nf4 import NF4Tensor, quantize_nf4
 from memwise_loram.nf4_linear import NF4Linear, quantize_model
 from memwise_loram.peft_format import read_peft, write_peft
 from memwise_loram.plugin import LoramPlugin

@@ -1,4 +1,4 @@
-"""NF4: 4-bit NormalFloat storage of frozen weights (QLoRAM's base), torch reference.
+"""NF4: 4-bit NormalFloat storage of frozen weights (QLoRAM's base): the format and quantization.
 
 Weights are cut into blocks of ``block`` values; each block stores its absmax (fp32) and
 each value the index of the nearest of 16 levels that are quantiles of a standard normal
@@ -6,6 +6,7 @@ each value the index of the nearest of 16 levels that are quantiles of a standar
 nibble). Double quantization stores the absmax values themselves as int8 around their
 mean, with one fp32 step per ``dq_block`` of them (symmetric linear 8-bit; bitsandbytes
 uses a dynamic 8-bit map instead). Bytes = payload + scales, counted exactly by ``nbytes``.
+Dequantization lives in ``memwise_loram.kernels`` (torch reference and triton kernel).
 """
 
 from __future__ import annotations
@@ -96,33 +97,3 @@ def quantize_nf4(weight: torch.Tensor, block: int = 64, double_quant: bool = Fal
         q8 = torch.round(groups / safe_step[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: absmax.numel()].clone()
         q.absmax, q.dq_step, q.dq_offset = q8, step, offset
     return q
-
-
-def scales_reference(q: NF4Tensor) -> torch.Tensor:
-    """The fp32 block absmax values (dequantizing them under double quantization)."""
-    if q.dq_step is None:
-        return q.absmax
-    group = torch.arange(q.absmax.numel(), device=q.absmax.device) // q.dq_block
-    return q.absmax.float() * q.dq_step[group] + q.dq_offset
-
-
-def dequantize_reference(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Torch reference dequantizer (the CPU path and the triton kernel's oracle)."""
-    hi = (q.payload >> 4).long()
-    lo = (q.payload & 15).long()
-    idx = torch.stack([hi, lo], 1).reshape(-1)
-    values = codebook().to(q.payload.device)[idx]
-    scale = scales_reference(q)
-    out = (values.view(-1, q.block) * scale[:, None]).reshape(-1)[: q.numel]
-    return out.to(dtype).view(q.shape)
-
-
-def dequantize(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantize with the triton kernel on CUDA (or the interpreter), else the reference."""
-    from memwise.kernels.dispatch import use_triton
-
-    if use_triton(q.payload):
-        from memwise_loram.nf4_triton import dequantize_triton
-
-        return dequantize_triton(q, dtype)
-    return dequantize_reference(q, dtype)

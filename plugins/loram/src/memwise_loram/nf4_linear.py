@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from memwise.errors import NoEffectWarning
-from memwise_loram.nf4 import NF4Tensor, dequantize, quantize_nf4
+from memwise_loram.kernels import dequantize
+from memwise_loram.nf4 import NF4Tensor, quantize_nf4
 
 
 class _NF4Matmul(torch.autograd.Function):

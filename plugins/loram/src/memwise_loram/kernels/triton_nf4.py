@@ -1,4 +1,4 @@
-"""Triton NF4 dequantization kernel (the CUDA path; its oracle is ``nf4.dequantize_reference``).
+"""Triton NF4 dequantization kernel (the CUDA path; its oracle is ``kernels.reference.dequantize_reference``).
 
 One program expands ``TILE`` values: it reads their packed bytes, picks the high or low
 nibble, looks the level up in the codebook and multiplies by the block scale, which it
