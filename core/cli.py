@@ -177,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except MemwiseError as err:
             if primary is None:
                 raise
-            err_console.print(f"[red]also:[/red] {err}")
+            err_console.print(f"[red]also:[/red] {err}", soft_wrap=True)
         finally:
             if lock is not None:
                 lock.release()
@@ -195,7 +195,7 @@ def _claim_report_folder(folder: Any) -> Any:
     files.check_folder(folder)
     lock = files.RunLock(folder).acquire()
     for tmp in files.remove_stale_temporaries(folder):
-        console.print(f"removed {tmp} (left by an interrupted write)")
+        console.print(f"removed {tmp} (left by an interrupted write)", soft_wrap=True)
     return lock
 
 
@@ -405,19 +405,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RecipeError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     except InputError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
     except RunInterrupted as err:
-        err_console.print(f"[yellow]interrupted:[/yellow] {err}")
+        err_console.print(f"[yellow]interrupted:[/yellow] {err}", soft_wrap=True)
         return err.exit_code
     except PluginHookError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 1
     except MemwiseError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2 if args.command in ("validate", "explain", "plugins", "recipes") else 1
     except KeyboardInterrupt:
         err_console.print("interrupted")

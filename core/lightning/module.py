@@ -84,7 +84,7 @@ class RecipeModule(pl.LightningModule):
         t = self.run.cfg.trainer
         opt.zero_grad(set_to_none=True)
         step = int(self.trainer.global_step) + 1
-        what = f"the loss is {float(loss)}" if not torch.isfinite(loss.detach()).all() else "the gradients hold NaN/inf"
+        what = f"the loss is {float(loss.detach())}" if not torch.isfinite(loss.detach()).all() else "the gradients hold NaN/inf"
         if t.on_nonfinite == "skip":
             for b, saved in zip(self.model.buffers(), buffers or []):
                 b.copy_(saved)
@@ -100,7 +100,7 @@ class RecipeModule(pl.LightningModule):
 
     def nonfinite_message(self, step: int, what: str) -> str:
         last = guard.newest_checkpoint(self.run.checkpoint_path("last").parent)
-        resume = f"{last} (resume=...)" if last else "none was written"
+        resume = f"{last} (continue with resume={last})" if last else "none was written"
         return (f"step {step}: {what}; the run is stopped and no checkpoint holds this step. Last finite checkpoint: "
                 f"{resume}. Try a lower optimizer.lr, more scheduler.warmup_steps, trainer.gradient_clip_val, "
                 "bf16-mixed instead of 16-mixed, or check the data; trainer.on_nonfinite: skip drops such steps")
