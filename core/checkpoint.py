@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from memwise import manager
-from memwise.errors import MemwiseError
+from memwise.errors import MemwiseError, WriteError
+from memwise.files import write_failure
 from memwise.hookspecs import HOOK_API
 
 
@@ -74,6 +75,10 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise WriteError(write_failure(path, err)) from err
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

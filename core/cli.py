@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from typing import Any
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memwise import manager
-from memwise.errors import MemwiseError, PluginHookError, Problem, RecipeError
+from memwise.errors import InputError, MemwiseError, PluginHookError, Problem, RecipeError, RunInterrupted
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -125,7 +126,7 @@ def _prepare(args: argparse.Namespace, stage: str) -> Any:
     from memwise import recipe
     from memwise.runner import Run
 
-    rec = recipe.load(args.recipe, args.overrides, stage=stage)
+    rec = recipe.load(args.recipe, args.overrides, stage=stage, allow_resolvers=args.allow_resolvers)
     run = Run(rec, stage)
     run.build()
     return run
@@ -158,13 +159,57 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from memwise import report
+    from memwise import recipe
+    from memwise.runner import Run
+
+    rec = recipe.load(args.recipe, args.overrides, stage="fit", allow_resolvers=args.allow_resolvers)
+    run = Run(rec, "fit")
+    lock = _claim_report_folder(run.ctx.report_dir)
+    primary: BaseException | None = None
+    try:
+        return _train(run, args)
+    except BaseException as err:
+        primary = err
+        raise
+    finally:
+        try:
+            run.host.teardown(run.ctx)  # always, in reverse plan order, whatever failed above
+        except MemwiseError as err:
+            if primary is None:
+                raise
+            err_console.print(f"[red]also:[/red] {err}", soft_wrap=True)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _claim_report_folder(folder: Any) -> Any:
+    """Check the report folder, lock it, remove temporaries of interrupted writes (rank zero only:
+    the other ranks of a DDP run are this command re-launched)."""
+    import os
+
+    from memwise import files
+
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return None
+    files.check_folder(folder)
+    lock = files.RunLock(folder).acquire()
+    for tmp in files.remove_stale_temporaries(folder):
+        console.print(f"removed {tmp} (left by an interrupted write)", soft_wrap=True)
+    return lock
+
+
+def _train(run: Any, args: argparse.Namespace) -> int:
+    from memwise import files, report
     from memwise.checkpoint import manifest
+    from memwise.errors import NonFiniteError
     from memwise.lightning.datamodule import RecipeDataModule
     from memwise.lightning.module import RecipeModule
 
-    run = _prepare(args, "fit")
+    run.build()
     rows = run.estimates(run.ctx.model)
+    est = rows[-1][1]
+    files.check_space(run.ctx.report_dir, int(1.1 * (est.parameters + est.optimizer_state)) + 2 ** 20)
     run.transform()
     reshaped = [name for name, changed in run.changes.items() if changed]
     if run.cfg.report.save_model and reshaped:
@@ -177,41 +222,75 @@ def cmd_run(args: argparse.Namespace) -> int:
     run.ctx.module = module
     if trainer.is_global_zero:
         console.print(_plan_table(run))
-    trainer.fit(module, datamodule, ckpt_path=run.cfg.resume)
-    trainer.save_checkpoint(run.checkpoint_path("last"), weights_only=False)
+    folder = run.ctx.report_dir
     try:
-        if not trainer.is_global_zero:
-            return 0
-        folder = run.ctx.report_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        run.host.hook.memwise_on_fit_end(ctx=run.ctx)
-        mem: dict[str, Any] = {"predicted": rows[-1][1].as_dict(),
-                               "predicted_steps": [{"label": lbl, **est.as_dict(), "note": note} for lbl, est, note in rows]}
-        if run.cfg.report.probe_memory:
-            measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
-            mem["measured"] = {**measured.as_dict(), "headline": measured.headline()}
-            console.print(_estimate_table(rows, mem["measured"]))
-            console.print("measured: parameters, gradients and optimizer state after the step; activations "
-                          "saved by the forward pass; temporaries at their own maximum")
-            console.print(f"process peak resident memory: {_fmt(measured.peak_rss)} MiB")
-        summ = report.summary(module.history)
-        summ["manifest"] = manifest(run.recipe.plugins)
-        if run.cfg.report.save_model:
-            module.model.save_pretrained(folder / "model", safe_serialization=True)
-        report.write_recipe(folder, run.recipe.resolved)
-        report.write_metrics(folder, module.history)
-        report.write_json(folder, "memory.json", mem)
-        report.write_json(folder, "summary.json", summ)
-        if run.cfg.report.plots:
-            report.plot(folder, module.history, mem)
-        console.print(f"validation loss {summ['first_val_loss']:.4f} -> {summ['final_val_loss']:.4f} "
-                      f"after {summ['steps']} steps; report in {folder}")
+        with _stop_on_signals(run):
+            trainer.fit(module, datamodule, ckpt_path=run.cfg.resume)
+    except (NonFiniteError, RunInterrupted) as err:
+        if trainer.is_global_zero and module.history:  # what was trained stays readable
+            summ = report.summary(module.history)
+            summ["stopped"] = str(err)
+            report.write_metrics(folder, module.history)
+            report.write_json(folder, "summary.json", summ)
+        raise
+    trainer.save_checkpoint(run.checkpoint_path("last"), weights_only=False)
+    if not trainer.is_global_zero:
         return 0
+    run.host.hook.memwise_on_fit_end(ctx=run.ctx)
+    mem: dict[str, Any] = {"predicted": rows[-1][1].as_dict(),
+                           "predicted_steps": [{"label": lbl, **est.as_dict(), "note": note} for lbl, est, note in rows]}
+    if run.cfg.report.probe_memory:
+        measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
+        mem["measured"] = {**measured.as_dict(), "headline": measured.headline()}
+        console.print(_estimate_table(rows, mem["measured"]))
+        console.print("measured: parameters, gradients and optimizer state after the step; activations "
+                      "saved by the forward pass; temporaries at their own maximum")
+        console.print(f"process peak resident memory: {_fmt(measured.peak_rss)} MiB")
+    summ = report.summary(module.history)
+    summ["manifest"] = manifest(run.recipe.plugins)
+    if run.cfg.report.save_model:
+        module.model.save_pretrained(folder / "model", safe_serialization=True)
+    report.write_recipe(folder, run.recipe.resolved)
+    report.write_metrics(folder, module.history)
+    report.write_json(folder, "memory.json", mem)
+    report.write_json(folder, "summary.json", summ)
+    if run.cfg.report.plots:
+        report.plot(folder, module.history, mem)
+    first, final = summ["first_val_loss"], summ["final_val_loss"]
+    console.print(f"validation loss {_loss(first)} -> {_loss(final)} after {summ['steps']} steps; report in {folder}")
+    return 0
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run: Any) -> Any:
+    """SIGINT and SIGTERM ask the run to stop after the current step (which then saves last.ckpt
+    and raises RunInterrupted); a second signal stops at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if run.stop_signal is not None:
+            raise KeyboardInterrupt
+        run.stop_signal = signum
+        err_console.print(f"{signal.Signals(signum).name} received: stopping after the current step "
+                          "(send it again to stop at once)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    run.signal_handler = handler
+    try:
+        yield
     finally:
-        for plugin in reversed(run.recipe.plugins):
-            if run.host.implements(plugin, "memwise_teardown"):
-                plugin.memwise_teardown(ctx=run.ctx)
-        run.ctx.run_teardown()
+        run.signal_handler = None
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -227,7 +306,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None:
         gen.max_new_tokens = args.max_new_tokens
     if gen.checkpoint:
+        from memwise.guard import nonfinite_tensors
+
         state = safe_load(gen.checkpoint)["state_dict"]
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise InputError(f"checkpoint {gen.checkpoint}: its weights hold NaN/inf ({', '.join(bad[:4])}); "
+                             "generate with an earlier checkpoint")
         ctx.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     ctx.model.eval()
     tok = ctx.tokenizer
@@ -272,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
         p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, e.g. trainer.max_steps=50")
         p.set_defaults(func=func)
+        _allow_resolvers_flag(p)
         if name == "validate":
             p.add_argument("--stage", choices=["fit", "generate"], default="fit",
                            help="the command the recipe is meant for (run: fit, generate: generate)")
@@ -281,8 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+    _allow_resolvers_flag(p)
     _plugin_commands(sub)
     return parser
+
+
+def _allow_resolvers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-resolvers", action="store_true",
+                   help="let the recipe use OmegaConf resolvers such as ${oc.env:VAR} (off: a recipe never reads "
+                        "the environment)")
 
 
 def _plugin_commands(sub: Any) -> None:
@@ -312,13 +405,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RecipeError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2
+    except InputError as err:
+        err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        return 2
+    except RunInterrupted as err:
+        err_console.print(f"[yellow]interrupted:[/yellow] {err}", soft_wrap=True)
+        return err.exit_code
     except PluginHookError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 1
     except MemwiseError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         return 2 if args.command in ("validate", "explain", "plugins", "recipes") else 1
     except KeyboardInterrupt:
         err_console.print("interrupted")

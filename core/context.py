@@ -60,8 +60,17 @@ class RunContext:
         self._undo.append(fn)
 
     def run_teardown(self) -> None:
+        """Every undo action, newest first; a failing one never skips the others."""
+        from memwise.errors import TeardownError
+
+        errors = []
         while self._undo:
-            self._undo.pop()()
+            try:
+                self._undo.pop()()
+            except Exception as err:  # noqa: BLE001 - gathered, reported together
+                errors.append(err)
+        if errors:
+            raise TeardownError(errors)
 
     def plugin(self, name: str) -> Any:
         """The plugin of this plan with that name, or None."""

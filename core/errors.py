@@ -31,6 +31,10 @@ class RecipeError(MemwiseError):
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
 
 
+class InputError(MemwiseError):
+    """Bad input that is not a recipe key: a report folder, a checkpoint that does not match (exit 2)."""
+
+
 class PluginHookError(MemwiseError):
     """A plugin raised inside one of its hooks; names both."""
 
@@ -45,3 +49,33 @@ class ClaimConflict(MemwiseError):
 
 class NoEffectWarning(UserWarning):
     """A plugin was asked to act but changed nothing."""
+
+
+class NonFiniteError(MemwiseError):
+    """The loss, the gradients or the weights became NaN or infinite; the run stops."""
+
+
+class WriteError(MemwiseError, OSError):
+    """A report or checkpoint file could not be written (disk full, permissions); names path and free space."""
+
+
+class TeardownError(MemwiseError):
+    """One or more teardowns or undo actions failed; all of them ran, every failure is listed."""
+
+    def __init__(self, errors: list[BaseException]) -> None:
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {type(e).__name__}: {e}" if not isinstance(e, MemwiseError) else f"  - {e}"
+                          for e in self.errors)
+        super().__init__(f"{len(self.errors)} teardown step(s) failed (all were run):\n{lines}")
+
+
+class RunInterrupted(MemwiseError):
+    """SIGINT or SIGTERM stopped a run after its current step; exit code 128 + signal number."""
+
+    def __init__(self, signum: int, checkpoint: str) -> None:
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} received: stopped after the current step; resume with "
+                         f"resume={checkpoint}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 import pluggy
 
 from memwise import hookspecs
-from memwise.errors import MemwiseError, NoEffectWarning, Problem
+from memwise.errors import MemwiseError, NoEffectWarning, PluginHookError, Problem, TeardownError
 from memwise.plugin import Plugin
 from memwise.schema import suggest
 
@@ -121,6 +122,36 @@ class PluginHost:
     def implements(self, plugin: Plugin, hook_name: str) -> bool:
         return hasattr(getattr(plugin, hook_name, None), "memwise_impl")
 
+    def step_context(self, ctx: Any) -> contextlib.ExitStack:
+        """The plugins' step contexts, entered in plan order (left in reverse); an error raised by
+        one on entry or exit names the plugin and the hook."""
+        stack = contextlib.ExitStack()
+        try:
+            for plugin, cm in self.each("memwise_step_context", ctx=ctx):
+                if cm is not None:
+                    stack.enter_context(_NamedContext(plugin.name, cm))
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def teardown(self, ctx: Any) -> None:
+        """Every plugin's teardown in reverse plan order, then the registered undo actions; a
+        failing one never skips the others, and every failure is reported together."""
+        errors: list[BaseException] = []
+        for plugin in reversed(self.plugins):
+            if self.implements(plugin, "memwise_teardown"):
+                try:
+                    plugin.memwise_teardown(ctx=ctx)
+                except Exception as err:  # noqa: BLE001 - gathered, the others still run
+                    errors.append(err)
+        try:
+            ctx.run_teardown()
+        except TeardownError as err:
+            errors += err.errors
+        if errors:
+            raise TeardownError(errors)
+
     def transform_model(self, ctx: Any) -> dict[str, list[str]]:
         """Run model surgery plugin by plugin; warn for each that changed nothing."""
         changes: dict[str, list[str]] = {}
@@ -137,6 +168,31 @@ class PluginHost:
                 warnings.warn(f"plugin '{p.name}' changed no module of this model: check its include/layers "
                               "settings against the model's module names", NoEffectWarning, stacklevel=2)
         return changes
+
+
+class _NamedContext(contextlib.AbstractContextManager):
+    """A plugin's step context whose own errors (on entry or exit) name the plugin and hook."""
+
+    def __init__(self, plugin: str, cm: Any) -> None:
+        self.plugin, self.cm = plugin, cm
+
+    def __enter__(self) -> Any:
+        try:
+            return self.cm.__enter__()
+        except MemwiseError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the point is to name who failed
+            raise PluginHookError(self.plugin, "memwise_step_context (entering)", err) from err
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> Any:
+        try:
+            return self.cm.__exit__(et, ev, tb)
+        except MemwiseError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            if err is ev:  # the step's own error passing through
+                raise
+            raise PluginHookError(self.plugin, "memwise_step_context (leaving)", err) from err
 
 
 def module_signature(model: Any) -> dict[str, str]:

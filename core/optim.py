@@ -16,19 +16,19 @@ from memwise.schema import option
 @dataclass
 class OptimizerConfig:
     name: Literal["adamw", "adam", "sgd"] = option("adamw", "optimizer (registered name)")
-    lr: float = option(3.0e-4, "peak learning rate")
-    weight_decay: float = option(0.0, "decoupled weight decay (adamw) or L2 (adam, sgd)")
-    betas: list[float] = option([0.9, 0.95], "Adam betas")
-    eps: float = option(1.0e-8, "Adam epsilon")
-    momentum: float = option(0.0, "SGD momentum")
+    lr: float = option(3.0e-4, "peak learning rate", gt=0)
+    weight_decay: float = option(0.0, "decoupled weight decay (adamw) or L2 (adam, sgd)", ge=0)
+    betas: list[float] = option([0.9, 0.95], "Adam betas", ge=0, lt=1)
+    eps: float = option(1.0e-8, "Adam epsilon", gt=0)
+    momentum: float = option(0.0, "SGD momentum", ge=0, lt=1)
     no_decay_norms_and_biases: bool = option(True, "no weight decay for norms, biases and 1-D parameters")
 
 
 @dataclass
 class SchedulerConfig:
     name: Literal["constant", "cosine", "linear"] = option("cosine", "learning-rate schedule")
-    warmup_steps: int = option(0, "linear warm-up steps")
-    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = option(0, "linear warm-up steps", ge=0)
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak", ge=0, le=1)
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict]:

@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from memwise.files import atomic_write
+from memwise.guard import finite_or_none
 from memwise.memory import CATEGORIES
 
 
 def write_recipe(folder: Path, resolved: dict) -> None:
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write(folder / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
 
 
 def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(folder / "metrics.csv", buf.getvalue().encode())
 
 
 def write_json(folder: Path, name: str, data: Any) -> None:
-    (folder / name).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """JSON with NaN and infinities written as null (strict JSON, never a NaN summary)."""
+    text = json.dumps(finite_or_none(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    atomic_write(folder / name, text.encode())
 
 
 def summary(history: list[dict[str, Any]]) -> dict[str, Any]:

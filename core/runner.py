@@ -47,6 +47,9 @@ class Run:
         self.baseline_signature: dict[str, str] = {}
         self.changes: dict[str, list[str]] = {}
         self._val_batches: list[dict] | None = None
+        self.stop_signal: int | None = None
+        """Set by the CLI's SIGINT/SIGTERM handler: stop after the current step."""
+        self.signal_handler: Any = None
 
     # --- building -------------------------------------------------------------------------
 
@@ -87,11 +90,7 @@ class Run:
 
     def step_context(self) -> contextlib.ExitStack:
         """The plugins' step contexts, entered in plan order (left in reverse)."""
-        stack = contextlib.ExitStack()
-        for cm in self.host.hook.memwise_step_context(ctx=self.ctx):
-            if cm is not None:
-                stack.enter_context(cm)
-        return stack
+        return self.host.step_context(self.ctx)
 
     def train_dataset(self) -> WindowDataset:
         from memwise.data.windows import ConcatChunkDataset

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -17,11 +18,45 @@ from typing import Any, Literal, Union
 from memwise.errors import Problem, RecipeError
 
 
-def option(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and the one-line doc shown in references."""
+def option(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with a default and the one-line doc shown in references.
+
+    ``ge``/``gt``/``le``/``lt`` declare the field's numeric range (each element of a list);
+    a ranged number must also be finite. Checked with every other problem by ``check``.
+    """
+    meta: dict[str, Any] = {"doc": doc}
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["range"] = bounds
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_BOUND_TEXT = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}"}
+
+
+def describe_range(bounds: dict[str, float]) -> str:
+    """'>= 1', 'in [0, 1)' ... for messages and references."""
+    lo = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    hi = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if lo and hi:
+        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == 'le' else ')'}"
+    k, v = lo or hi
+    return _BOUND_TEXT[k].format(f"{v:g}")
+
+
+def check_range(bounds: dict[str, float], value: Any, path: str) -> list[Problem]:
+    """Problems of a number (or each number of a list) against declared bounds."""
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in check_range(bounds, v, _join(path, i))]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return []
+    ok = math.isfinite(value) and all((k == "ge" and value >= b) or (k == "gt" and value > b)
+                                      or (k == "le" and value <= b) or (k == "lt" and value < b)
+                                      for k, b in bounds.items())
+    return [] if ok else [Problem(path, f"must be {describe_range(bounds)}, got {value!r}")]
 
 
 def required(doc: str) -> Any:
@@ -113,7 +148,10 @@ def check(cls: type, data: dict, path: str = "") -> list[Problem]:
             problems.append(Problem(_join(path, key), "unknown key" + suggest(key, fields)
                                     + f"; valid keys: {', '.join(fields)}"))
             continue
-        problems += check_value(hints[key], value, _join(path, key))
+        found = check_value(hints[key], value, _join(path, key))
+        if not found and "range" in fields[key].metadata:
+            found = check_range(fields[key].metadata["range"], value, _join(path, key))
+        problems += found
     for name, f in fields.items():
         missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if missing and name not in data:
@@ -149,7 +187,10 @@ def describe(cls: type) -> list[tuple[str, str, str, str]]:
             default = repr(f.default_factory())
         else:
             default = "(required)"
-        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
+        doc = f.metadata.get("doc", "")
+        if "range" in f.metadata:
+            doc += f" ({describe_range(f.metadata['range'])})"
+        rows.append((f.name, _type_name(hints[f.name]), default, doc))
     return rows
 
 

@@ -18,15 +18,16 @@ class DataConfig:
     """Keys every dataset takes."""
 
     builder: str = option("pystdlib", "dataset name: pystdlib, text_files or mqar")
-    seq_len: int = option(256, "training window length in tokens")
-    batch_size: int = option(16, "sequences per batch on each device")
-    val_percent: float = option(5.0, "percent of documents held out for validation (split by name)")
-    val_batches: int = option(8, "batches scored at each validation")
-    seed: int = option(0, "seed of the split and of the batch order")
+    seq_len: int = option(256, "training window length in tokens", ge=2)
+    batch_size: int = option(16, "sequences per batch on each device", ge=1)
+    val_percent: float = option(5.0, "percent of documents held out for validation (split by name)",
+                                 gt=0, lt=100)
+    val_batches: int = option(8, "batches scored at each validation", ge=1)
+    seed: int = option(0, "seed of the split and of the batch order", ge=0, lt=2 ** 32)
     packing: Literal["window", "concat_chunk"] = option(
         "window", "window: cut each document alone (padded); concat_chunk: concatenate documents and cut "
         "fixed-length chunks (the usual baseline; attention crosses documents)")
-    max_documents: Optional[int] = option(None, "use only the first N documents (quick runs)")
+    max_documents: Optional[int] = option(None, "use only the first N documents (quick runs)", ge=1)
 
 
 @dataclass(kw_only=True)
@@ -39,17 +40,17 @@ class PyStdlibConfig(DataConfig):
 class TextFilesConfig(DataConfig):
     paths: list[str] = required("glob pattern(s) of the text files to read, e.g. /usr/include/**/*.h")
     tokenizer: Optional[str] = option(None, "local folder of a HF tokenizer; byte tokens when unset")
-    max_bytes_per_file: Optional[int] = option(None, "read at most this many bytes of each file")
+    max_bytes_per_file: Optional[int] = option(None, "read at most this many bytes of each file", ge=1)
 
 
 @dataclass(kw_only=True)
 class MqarConfig(DataConfig):
-    num_examples: int = option(20000, "training examples")
-    num_val_examples: int = option(256, "validation examples (a separate seed)")
-    num_pairs: int = option(8, "key-value pairs per example")
-    num_keys: int = option(64, "size of the key vocabulary")
-    num_values: int = option(64, "size of the value vocabulary")
-    num_queries: Optional[int] = option(None, "queries per example (default: num_pairs)")
+    num_examples: int = option(20000, "training examples", ge=1)
+    num_val_examples: int = option(256, "validation examples (a separate seed)", ge=1)
+    num_pairs: int = option(8, "key-value pairs per example", ge=1)
+    num_keys: int = option(64, "size of the key vocabulary", ge=1)
+    num_values: int = option(64, "size of the value vocabulary", ge=1)
+    num_queries: Optional[int] = option(None, "queries per example (default: num_pairs)", ge=1)
 
 
 def _pystdlib(cfg: PyStdlibConfig) -> Corpus:

@@ -95,11 +95,7 @@ class MemwiseCallback(pl.Callback):
         if self.leader is not self:
             return
         self.host.hook.memwise_on_train_batch_start(ctx=self.ctx, batch=batch, batch_idx=batch_idx)
-        stack = contextlib.ExitStack()
-        for cm in self.host.hook.memwise_step_context(ctx=self.ctx):
-            if cm is not None:
-                stack.enter_context(cm)
-        self._step = stack
+        self._step = self.host.step_context(self.ctx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.leader is self:
@@ -159,10 +155,10 @@ class MemwiseCallback(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.leader is not self or self.host is None:
             return
-        if self._step is not None:
-            self._step.close()
-        for plugin in reversed(self.host.plugins):
-            if self.host.implements(plugin, "memwise_teardown"):
-                plugin.memwise_teardown(ctx=self.ctx)
-        self.ctx.run_teardown()
-        self._transformed = False
+        try:
+            if self._step is not None:
+                self._step, step = None, self._step
+                step.close()
+        finally:
+            self._transformed = False
+            self.host.teardown(self.ctx)

@@ -32,7 +32,8 @@ class RecipeDataModule(pl.LightningDataModule):
                                            collate_fn=ctx.collate_fn, num_workers=0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches": int(self.trainer.global_step) if self.trainer else 0}
+        skipped = getattr(self.run.ctx.module, "nonfinite_skips", 0)  # batches consumed without an update
+        return {"batches": int(self.trainer.global_step) + skipped if self.trainer else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resume_batches = int(state.get("batches", 0))

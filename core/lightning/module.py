@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from memwise import guard
 from memwise.checkpoint import check_manifest, manifest, rng_state, set_rng_state
+from memwise.errors import InputError, NonFiniteError, RunInterrupted
 from memwise.runner import causal_lm_loss, target_count
 
 
@@ -26,6 +29,9 @@ class RecipeModule(pl.LightningModule):
         self._pending_rng: dict | None = None
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
+        self.nonfinite_skips = 0
+        """Steps whose update was dropped because the loss or gradients were not finite (all runs)."""
+        self._skips_in_a_row = 0
 
     # --- optimization ---------------------------------------------------------------------
 
@@ -42,19 +48,62 @@ class RecipeModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         hook.memwise_on_train_batch_start(ctx=ctx, batch=batch, batch_idx=batch_idx)
+        skip = self.run.cfg.trainer.on_nonfinite == "skip"
+        buffers = [b.detach().clone() for b in self.model.buffers()] if skip else None  # Mesa's running ranges
         with self.run.step_context():
             loss = causal_lm_loss(self.model, batch)
             self.manual_backward(loss)
+        if not self._step_is_finite(loss, opt.optimizer):
+            return self._drop_step(loss, opt, buffers)
+        self._skips_in_a_row = 0
         hook.memwise_on_before_optimizer_step(ctx=ctx, optimizer=opt.optimizer)
-        clip = self.run.cfg.trainer.gradient_clip_val
-        if clip:
-            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        opt.step()
+        opt.step()  # clips in on_before_optimizer_step: after a GradScaler has unscaled the gradients
         opt.zero_grad(set_to_none=True)
         sched.step()
         hook.memwise_on_train_batch_end(ctx=ctx, outputs=loss.detach(), batch=batch, batch_idx=batch_idx)
         self._record(loss.detach(), batch, opt.optimizer)
         return loss.detach()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        clip = self.run.cfg.trainer.gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def _step_is_finite(self, loss: torch.Tensor, optimizer: Any) -> bool:
+        """Loss and gradients finite, on every rank (one fused reduction, one sync).
+
+        Under a GradScaler (16-mixed) the gradients are scaled: an overflow there is the scaler's
+        business (it skips the step and lowers the scale), so only the loss is checked.
+        """
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        finite = guard.is_finite(loss, [] if scaled else guard.gradients(optimizer))
+        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+
+    def _drop_step(self, loss: torch.Tensor, opt: Any, buffers: list[torch.Tensor] | None) -> torch.Tensor:
+        """No update for this batch; stop now (policy stop) or after too many in a row."""
+        t = self.run.cfg.trainer
+        opt.zero_grad(set_to_none=True)
+        step = int(self.trainer.global_step) + 1
+        what = f"the loss is {float(loss.detach())}" if not torch.isfinite(loss.detach()).all() else "the gradients hold NaN/inf"
+        if t.on_nonfinite == "skip":
+            for b, saved in zip(self.model.buffers(), buffers or []):
+                b.copy_(saved)
+            self.nonfinite_skips += 1
+            self._skips_in_a_row += 1
+            if self._skips_in_a_row <= t.max_nonfinite_skips:
+                if self.trainer.is_global_zero:
+                    print(f"step {step}: {what}; update skipped (trainer.on_nonfinite: skip, "
+                          f"{self._skips_in_a_row} in a row)", flush=True)
+                return loss.detach()
+            what += f", {self._skips_in_a_row} steps in a row (trainer.max_nonfinite_skips: {t.max_nonfinite_skips})"
+        raise NonFiniteError(self.nonfinite_message(step, what))
+
+    def nonfinite_message(self, step: int, what: str) -> str:
+        last = guard.newest_checkpoint(self.run.checkpoint_path("last").parent)
+        resume = f"{last} (continue with resume={last})" if last else "none was written"
+        return (f"step {step}: {what}; the run is stopped and no checkpoint holds this step. Last finite checkpoint: "
+                f"{resume}. Try a lower optimizer.lr, more scheduler.warmup_steps, trainer.gradient_clip_val, "
+                "bf16-mixed instead of 16-mixed, or check the data; trainer.on_nonfinite: skip drops such steps")
 
     def _record(self, loss: torch.Tensor, batch: dict, optimizer: Any) -> None:
         world = self.trainer.world_size
@@ -62,7 +111,7 @@ class RecipeModule(pl.LightningModule):
         self.targets_seen += target_count(batch) * world
         step = int(self.trainer.global_step)
         row = {"step": step, "train_loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
-               "tokens": self.tokens_seen, "targets": self.targets_seen, "seq_len": int(batch["input_ids"].shape[1]),
+               "tokens": self.tokens_seen, "nonfinite_skips": self.nonfinite_skips, "targets": self.targets_seen, "seq_len": int(batch["input_ids"].shape[1]),
                "elapsed_s": round(self._elapsed_before + time.perf_counter() - self._start, 3)}
         every = self.run.cfg.trainer.val_every_n_steps
         if step % every == 0 or step == self.trainer.max_steps:
@@ -77,7 +126,19 @@ class RecipeModule(pl.LightningModule):
         if ckpt_every and step % ckpt_every == 0:
             self.trainer.save_checkpoint(self.run.checkpoint_path(step), weights_only=False)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After a SIGINT/SIGTERM: last.ckpt at this step (atomically), then stop."""
+        asked = self.run.stop_signal is not None
+        if self.trainer.world_size > 1:
+            asked = bool(self.trainer.strategy.reduce_boolean_decision(asked, all=False))
+        if asked:
+            path = self.run.checkpoint_path("last")
+            self.trainer.save_checkpoint(path, weights_only=False)
+            raise RunInterrupted(self.run.stop_signal or signal.SIGTERM, str(path))
+
     def on_train_start(self) -> None:
+        if self.run.signal_handler is not None:  # ours, not Lightning's (which exits 0 without a checkpoint)
+            signal.signal(signal.SIGTERM, self.run.signal_handler)
         self._start = time.perf_counter()
         if self.trainer.global_step == 0:
             self.history.append({"step": 0, "val_loss": self.evaluate(), "tokens": 0, "elapsed_s": 0.0})
@@ -102,6 +163,9 @@ class RecipeModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         run = self.run
+        bad = guard.max_abs(self.model.parameters())
+        if bad is not None and not torch.isfinite(bad):
+            raise NonFiniteError(self.nonfinite_message(int(self.trainer.global_step), "the weights hold NaN/inf"))
         states = {p.name: s for p, s in run.host.each("memwise_state_dict", ctx=run.ctx) if s is not None}
         checkpoint["memwise"] = {
             "manifest": manifest(run.recipe.plugins, run.recipe.resolved),
@@ -110,12 +174,17 @@ class RecipeModule(pl.LightningModule):
             "history": [dict(r) for r in self.history],
             "tokens_seen": self.tokens_seen,
             "targets_seen": self.targets_seen,
+            "nonfinite_skips": self.nonfinite_skips,
             "elapsed_s": self._elapsed_before + time.perf_counter() - self._start,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         run = self.run
         saved = checkpoint.get("memwise", {})
+        bad = guard.nonfinite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise InputError(f"this checkpoint's weights hold NaN/inf ({', '.join(bad[:4])}"
+                                 f"{', ...' if len(bad) > 4 else ''}); resume from an earlier checkpoint")
         check_manifest(saved.get("manifest", {}), run.recipe.plugins)
         states = saved.get("plugins", {})
         for plugin in run.recipe.plugins:
@@ -124,5 +193,6 @@ class RecipeModule(pl.LightningModule):
         self.history = list(saved.get("history", []))
         self.tokens_seen = int(saved.get("tokens_seen", 0))
         self.targets_seen = int(saved.get("targets_seen", 0))
+        self.nonfinite_skips = int(saved.get("nonfinite_skips", 0))
         self._elapsed_before = float(saved.get("elapsed_s", 0.0))
         self._pending_rng = saved.get("rng")

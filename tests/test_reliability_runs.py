@@ -1,0 +1,141 @@
+"""Reliability of training runs: non-finite steps, non-finite checkpoints, signals, stale files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from memwise.checkpoint import atomic_save, safe_load
+from memwise.testing import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make the training loss NaN at the given (1-based) training-step calls; count the calls."""
+    from memwise.lightning import module
+
+    real = module.causal_lm_loss
+    state = {"calls": 0, "bad": set(), "signal": None}
+
+    def loss(model, batch):
+        out = real(model, batch)
+        if model.training and torch.is_grad_enabled():
+            state["calls"] += 1
+            if state["calls"] in state["bad"]:
+                out = out * float("nan")
+            if state["signal"] and state["calls"] == state["signal"][0]:
+                os.kill(os.getpid(), state["signal"][1])
+        return out
+
+    monkeypatch.setattr(module, "causal_lm_loss", loss)
+    return state
+
+
+def steps_of(ckpt):
+    return int(safe_load(ckpt)["global_step"])
+
+
+def test_nonfinite_loss_stops_the_run_without_a_nonfinite_checkpoint(cli, micro, tmp_path, poisoned):
+    poisoned["bad"] = {3}
+    report = tmp_path / "r"
+    code, _, err = cli("run", micro, f"report.dir={report}", "trainer.checkpoint_every_n_steps=1")
+    err = " ".join(err.split())
+    assert code == 1
+    assert "step 3: the loss is nan" in err and "step-000002.ckpt" in err and "optimizer.lr" in err
+    ckpts = sorted(p.name for p in (report / "checkpoints").iterdir())
+    assert ckpts == ["step-000001.ckpt", "step-000002.ckpt"]  # no last.ckpt, nothing after the fault
+    rows = [r for r in read_metrics(report) if r["train_loss"]]
+    assert [r["step"] for r in rows] == ["1", "2"] and all(math.isfinite(float(r["train_loss"])) for r in rows)
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["steps"] == 2 and "step 3" in summary["stopped"]
+
+
+def test_skip_policy_drops_the_update_and_counts_it(cli, micro, tmp_path, poisoned):
+    poisoned["bad"] = {3}
+    report = tmp_path / "r"
+    code, _, _ = cli("run", micro, f"report.dir={report}", "trainer.on_nonfinite=skip", "report.probe_memory=false")
+    assert code == 0
+    rows = [r for r in read_metrics(report) if r["train_loss"]]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["nonfinite_skips"]) for r in rows] == [0, 0, 1, 1, 1, 1]
+    ckpt = safe_load(report / "checkpoints" / "last.ckpt")
+    # six updates from seven batches: the optimizer never saw the skipped one
+    assert ckpt["global_step"] == 6
+    assert {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()} == {6}
+    assert ckpt["RecipeDataModule"]["batches"] == 7  # a resume continues after the skipped batch
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_skip_policy_stops_after_too_many_in_a_row(cli, micro, tmp_path, poisoned):
+    poisoned["bad"] = {2, 3, 4}
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'r'}", "trainer.on_nonfinite=skip",
+                       "trainer.max_nonfinite_skips=2")
+    assert code == 1 and "3 steps in a row (trainer.max_nonfinite_skips: 2)" in " ".join(err.split())
+
+
+def test_divergence_never_replaces_last_ckpt_and_nonfinite_weights_are_refused(cli, micro, tmp_path, poisoned):
+    report = tmp_path / "r"
+    args = ["run", micro, f"report.dir={report}", "trainer.max_steps=2", "report.probe_memory=false"]
+    assert cli(*args)[0] == 0
+    last = report / "checkpoints" / "last.ckpt"
+    poisoned.update(calls=0, bad={1})  # the first step after resuming
+    code, _, err = cli(*args[:3], "trainer.max_steps=4", f"resume={last}")
+    assert code == 1 and f"Last finite checkpoint: {last}" in " ".join(err.split())
+    assert steps_of(last) == 2
+    # a checkpoint whose weights went bad is refused for resume and for generate
+    state = safe_load(last)
+    key = next(iter(state["state_dict"]))
+    state["state_dict"][key] = state["state_dict"][key] * float("nan")
+    atomic_save(state, tmp_path / "bad.ckpt")
+    poisoned["bad"] = set()
+    code, _, err = cli(*args[:3], "trainer.max_steps=4", f"resume={tmp_path / 'bad.ckpt'}")
+    assert code == 2 and "weights hold NaN/inf" in " ".join(err.split()) and key in err
+    code, _, err = cli("generate", micro, f"generate.checkpoint={tmp_path / 'bad.ckpt'}", "--prompt", "def")
+    assert code == 2 and "weights hold NaN/inf" in " ".join(err.split())
+
+
+def test_diverging_learning_rate_stops_with_exit_1(cli, micro, tmp_path):
+    report = tmp_path / "r"
+    code, _, err = cli("run", micro, f"report.dir={report}", "optimizer.lr=1.0e+9", "optimizer.name=sgd",
+                       "trainer.gradient_clip_val=null", "trainer.checkpoint_every_n_steps=1")
+    assert code == 1 and "the run is stopped" in " ".join(err.split())
+    for ckpt in (report / "checkpoints").glob("*.ckpt"):
+        weights = safe_load(ckpt)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), ckpt
+    summary = (report / "summary.json").read_text()
+    assert "NaN" not in summary and "Infinity" not in summary
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_last_ckpt_at_the_current_step(cli, micro, tmp_path, poisoned, monkeypatch, signum, code):
+    from memwise_checkpointing import CheckpointingPlugin
+
+    torn_down = []
+    real = CheckpointingPlugin.memwise_teardown
+
+    def spy(self, ctx):
+        torn_down.append(self.name)
+        return real(self, ctx)
+
+    spy.memwise_impl = real.memwise_impl
+    monkeypatch.setattr(CheckpointingPlugin, "memwise_teardown", spy)
+    poisoned["signal"] = (2, signum)
+    report = tmp_path / "r"
+    (report / "checkpoints").mkdir(parents=True)
+    stale = report / "checkpoints" / ".last.ckpt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    got, out, err = cli("run", micro, f"report.dir={report}", "trainer.max_steps=6", "plugins=[{use: checkpointing}]")
+    assert got == code, err
+    assert torn_down == ["checkpointing"]
+    assert f"resume={report / 'checkpoints' / 'last.ckpt'}" in " ".join(err.split())
+    assert steps_of(report / "checkpoints" / "last.ckpt") == 2
+    assert not stale.exists() and f"removed {stale}" in " ".join(out.split())
+    assert not (report / ".memwise.lock").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
