@@ -139,3 +139,103 @@ def test_signal_saves_last_ckpt_at_the_current_step(cli, micro, tmp_path, poison
     assert not stale.exists() and f"removed {stale}" in " ".join(out.split())
     assert not (report / ".memwise.lock").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --- checkpoints that do not match ---------------------------------------------------------
+
+
+def _micro():
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "recipes" / "micro.yaml")
+
+
+@pytest.fixture(scope="module")
+def last_ckpt(tmp_path_factory):
+    from memwise.cli import main
+
+    folder = tmp_path_factory.mktemp("trained")
+    assert main(["run", _micro(), f"report.dir={folder}", "trainer.max_steps=2", "report.probe_memory=false"]) == 0
+    return folder / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_of_another_model_shape_says_what_differs(cli, micro, tmp_path, last_ckpt):
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'r'}", f"resume={last_ckpt}",
+                       "model.config.hidden_size=128", "model.config.intermediate_size=256")
+    err = " ".join(err.split())
+    assert code == 2 and "does not match the model" in err and "'hidden_size': 64" in err
+    assert "'hidden_size': 128" in err and "size mismatch" not in err
+
+
+def test_checkpoint_of_another_optimizer(cli, micro, tmp_path, last_ckpt):
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'r'}", f"resume={last_ckpt}", "optimizer.name=sgd")
+    assert code == 2 and "optimizer.name: adamw, this run uses sgd" in " ".join(err.split())
+
+
+def test_checkpoint_made_by_something_else(cli, micro, tmp_path):
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "lightning.ckpt")
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'a'}", f"resume={tmp_path / 'other.pt'}")
+    assert code == 2 and "is not a Lightning checkpoint" in " ".join(err.split())
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'b'}", f"resume={tmp_path / 'lightning.ckpt'}")
+    assert code == 2 and "not written by `memwise run`" in " ".join(err.split())
+
+
+def test_adding_an_optimizer_plugin_on_resume_needs_the_flag(cli, micro, tmp_path, last_ckpt):
+    pytest.importorskip("memwise_coat")
+    coat = ["plugins=[{use: coat, with: {activations: false}}]", "report.probe_memory=false", "trainer.max_steps=3"]
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'a'}", f"resume={last_ckpt}", *coat)
+    err = " ".join(err.split())
+    assert code == 2 and "made without plugin(s) coat" in err and "--resume-without-plugin-state" in err
+    code, out, err = cli("run", micro, f"report.dir={tmp_path / 'b'}", f"resume={last_ckpt}", *coat,
+                         "--resume-without-plugin-state")
+    assert code == 0, err
+    assert "fresh optimizer state" in out
+    assert steps_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 3
+
+
+# --- callback mode -------------------------------------------------------------------------
+
+
+class AdamModule:
+    """A user's LightningModule with torch AdamW (what COAT replaces)."""
+
+    @staticmethod
+    def make(llama):
+        import lightning.pytorch as pl
+
+        class M(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = llama()
+
+            def training_step(self, batch, batch_idx):
+                return self.net(input_ids=batch, labels=batch).loss
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.net.parameters(), lr=1e-3)
+
+            def train_dataloader(self):
+                return torch.utils.data.DataLoader(torch.randint(0, 256, (8, 16)), batch_size=4)
+
+        return M()
+
+
+def test_callback_mode_refuses_a_coat_checkpoint_without_coat(tmp_path, make_llama):
+    pytest.importorskip("memwise_coat")
+    import lightning.pytorch as pl
+
+    from memwise.errors import InputError
+    from memwise.lightning.callback import MemwiseCallback
+    from memwise_checkpointing import CheckpointingPlugin
+    from memwise_coat import CoatPlugin
+
+    def trainer(callbacks, steps):
+        return pl.Trainer(max_steps=steps, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    t = trainer([CoatPlugin(activations=False, min_numel=1).as_callback()], 2)
+    t.fit(AdamModule.make(make_llama))
+    t.save_checkpoint(tmp_path / "coat.ckpt")
+    with pytest.raises(InputError, match=r"(?s)made with plugin 'coat'.*use: coat"):
+        trainer([MemwiseCallback([CheckpointingPlugin()])], 4).fit(AdamModule.make(make_llama), ckpt_path=tmp_path / "coat.ckpt")
