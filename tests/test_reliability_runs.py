@@ -239,3 +239,54 @@ def test_callback_mode_refuses_a_coat_checkpoint_without_coat(tmp_path, make_lla
     t.save_checkpoint(tmp_path / "coat.ckpt")
     with pytest.raises(InputError, match=r"(?s)made with plugin 'coat'.*use: coat"):
         trainer([MemwiseCallback([CheckpointingPlugin()])], 4).fit(AdamModule.make(make_llama), ckpt_path=tmp_path / "coat.ckpt")
+
+
+# --- fp16 with a gradient scaler -----------------------------------------------------------
+
+
+def _snapshot(model, optimizer):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
+    return params, state
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and all(
+        sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa) for sa, sb in zip(a[1], b[1]))
+
+
+def test_fp16_grad_scaler_with_coat_optimizer_and_mesa_backward(make_llama):
+    """fp16 autocast + GradScaler (what Lightning's 16-mixed does on a GPU): COAT's optimizer and Mesa's
+    8-bit backward train with it, and an overflowing step is skipped with their state untouched."""
+    pytest.importorskip("memwise_coat")
+    pytest.importorskip("memwise_mesa")
+    from memwise_coat import CoatAdamW
+    from memwise_mesa import apply_mesa
+
+    model = make_llama()
+    assert sum(apply_mesa(model).counts().values()) > 0
+    optimizer = CoatAdamW.from_torch(torch.optim.AdamW(model.parameters(), lr=1e-3), min_numel=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=batch, labels=batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss), finite
+
+    losses = [step() for _ in range(3)]
+    assert all(f and math.isfinite(v) for v, f in losses) and losses[-1][0] < losses[0][0], losses
+    assert {int(s["step"]) for s in optimizer.state.values()} == {3}
+    assert any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for s in optimizer.state.values()
+               for v in s.values())
+    before = _snapshot(model, optimizer)
+    scaler.update(2.0 ** 40)  # fp16 gradients overflow at this scale: the scaler must skip the step
+    _, finite = step()
+    assert not finite and _same(before, _snapshot(model, optimizer))
+    assert scaler.get_scale() < 2.0 ** 40
