@@ -165,6 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rec = recipe.load(args.recipe, args.overrides, stage="fit", allow_resolvers=args.allow_resolvers)
     run = Run(rec, "fit")
     run.resume_without_plugin_state = args.resume_without_plugin_state
+    created = not run.ctx.report_dir.exists()
     lock = _claim_report_folder(run.ctx.report_dir)
     primary: BaseException | None = None
     try:
@@ -182,6 +183,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             if lock is not None:
                 lock.release()
+            if created and isinstance(primary, RecipeError):  # a rejected recipe leaves nothing behind
+                _remove_if_empty(run.ctx.report_dir)
+
+
+def _remove_if_empty(folder: Any) -> None:
+    """Remove the report folder this command created when it holds only the empty checkpoints folder."""
+    checkpoints = folder / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()) and [p.name for p in folder.iterdir()] == ["checkpoints"]:
+        checkpoints.rmdir()
+        folder.rmdir()
 
 
 def _claim_report_folder(folder: Any) -> Any:
