@@ -10,10 +10,48 @@ import signal
 import pytest
 import torch
 
+import memwise
 from memwise.checkpoint import atomic_save, safe_load
 from memwise.testing import read_metrics
 
 pytestmark = pytest.mark.slow
+
+
+class Spy(memwise.Plugin):
+    """Test-local plugin: records its teardowns."""
+
+    name = "spy"
+    torn_down: list = []
+
+    @memwise.hookimpl
+    def memwise_teardown(self, ctx):
+        type(self).torn_down.append(self.name)
+
+
+class SwapOptimizer(memwise.Plugin):
+    """Test-local optimizer-replacing plugin (what COAT is to a checkpoint without it)."""
+
+    name = "swapopt"
+    phase = "optimizer"
+
+    def provides(self):
+        return {"optimizer.states"}
+
+    @memwise.hookimpl
+    def memwise_configure_optimizer(self, ctx):
+        ctx.optimizer = torch.optim.AdamW(ctx.optimizer.param_groups)
+
+
+@pytest.fixture
+def local_plugins(monkeypatch):
+    """Recipes may name the test-local plugins (as if installed through an entry point)."""
+    from memwise import manager
+
+    real = manager.load
+    local = {p.name: p for p in (Spy, SwapOptimizer)}
+    monkeypatch.setattr(manager, "load", lambda name: local[name] if name in local else real(name))
+    Spy.torn_down = []
+    return local
 
 
 @pytest.fixture
@@ -114,26 +152,15 @@ def test_diverging_learning_rate_stops_with_exit_1(cli, micro, tmp_path):
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_last_ckpt_at_the_current_step(cli, micro, tmp_path, poisoned, monkeypatch, signum, code):
-    from memwise_checkpointing import CheckpointingPlugin
-
-    torn_down = []
-    real = CheckpointingPlugin.memwise_teardown
-
-    def spy(self, ctx):
-        torn_down.append(self.name)
-        return real(self, ctx)
-
-    spy.memwise_impl = real.memwise_impl
-    monkeypatch.setattr(CheckpointingPlugin, "memwise_teardown", spy)
+def test_signal_saves_last_ckpt_at_the_current_step(cli, micro, tmp_path, poisoned, local_plugins, signum, code):
     poisoned["signal"] = (2, signum)
     report = tmp_path / "r"
     (report / "checkpoints").mkdir(parents=True)
     stale = report / "checkpoints" / ".last.ckpt.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
-    got, out, err = cli("run", micro, f"report.dir={report}", "trainer.max_steps=6", "plugins=[{use: checkpointing}]")
+    got, out, err = cli("run", micro, f"report.dir={report}", "trainer.max_steps=6", "plugins=[{use: spy}]")
     assert got == code, err
-    assert torn_down == ["checkpointing"]
+    assert Spy.torn_down == ["spy"]
     assert f"resume={report / 'checkpoints' / 'last.ckpt'}" in " ".join(err.split())
     assert steps_of(report / "checkpoints" / "last.ckpt") == 2
     assert not stale.exists() and f"removed {stale}" in " ".join(out.split())
@@ -181,112 +208,13 @@ def test_checkpoint_made_by_something_else(cli, micro, tmp_path):
     assert code == 2 and "not written by `memwise run`" in " ".join(err.split())
 
 
-def test_adding_an_optimizer_plugin_on_resume_needs_the_flag(cli, micro, tmp_path, last_ckpt):
-    pytest.importorskip("memwise_coat")
-    coat = ["plugins=[{use: coat, with: {activations: false}}]", "report.probe_memory=false", "trainer.max_steps=3"]
-    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'a'}", f"resume={last_ckpt}", *coat)
+def test_adding_an_optimizer_plugin_on_resume_needs_the_flag(cli, micro, tmp_path, last_ckpt, local_plugins):
+    swap = ["plugins=[{use: swapopt}]", "report.probe_memory=false", "trainer.max_steps=3"]
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'a'}", f"resume={last_ckpt}", *swap)
     err = " ".join(err.split())
-    assert code == 2 and "made without plugin(s) coat" in err and "--resume-without-plugin-state" in err
-    code, out, err = cli("run", micro, f"report.dir={tmp_path / 'b'}", f"resume={last_ckpt}", *coat,
+    assert code == 2 and "made without plugin(s) swapopt" in err and "--resume-without-plugin-state" in err
+    code, out, err = cli("run", micro, f"report.dir={tmp_path / 'b'}", f"resume={last_ckpt}", *swap,
                          "--resume-without-plugin-state")
     assert code == 0, err
     assert "fresh optimizer state" in out
     assert steps_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 3
-
-
-# --- callback mode -------------------------------------------------------------------------
-
-
-class AdamModule:
-    """A user's LightningModule with torch AdamW (what COAT replaces)."""
-
-    @staticmethod
-    def make(llama):
-        import lightning.pytorch as pl
-
-        class M(pl.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.net = llama()
-
-            def training_step(self, batch, batch_idx):
-                return self.net(input_ids=batch, labels=batch).loss
-
-            def configure_optimizers(self):
-                return torch.optim.AdamW(self.net.parameters(), lr=1e-3)
-
-            def train_dataloader(self):
-                return torch.utils.data.DataLoader(torch.randint(0, 256, (8, 16)), batch_size=4)
-
-        return M()
-
-
-def test_callback_mode_refuses_a_coat_checkpoint_without_coat(tmp_path, make_llama):
-    pytest.importorskip("memwise_coat")
-    import lightning.pytorch as pl
-
-    from memwise.errors import InputError
-    from memwise.lightning.callback import MemwiseCallback
-    from memwise_checkpointing import CheckpointingPlugin
-    from memwise_coat import CoatPlugin
-
-    def trainer(callbacks, steps):
-        return pl.Trainer(max_steps=steps, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-
-    t = trainer([CoatPlugin(activations=False, min_numel=1).as_callback()], 2)
-    t.fit(AdamModule.make(make_llama))
-    t.save_checkpoint(tmp_path / "coat.ckpt")
-    with pytest.raises(InputError, match=r"(?s)made with plugin 'coat'.*use: coat"):
-        trainer([MemwiseCallback([CheckpointingPlugin()])], 4).fit(AdamModule.make(make_llama), ckpt_path=tmp_path / "coat.ckpt")
-
-
-# --- fp16 with a gradient scaler -----------------------------------------------------------
-
-
-def _snapshot(model, optimizer):
-    params = [p.detach().clone() for p in model.parameters()]
-    state = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
-    return params, state
-
-
-def _same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and all(
-        sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa) for sa, sb in zip(a[1], b[1]))
-
-
-def test_fp16_grad_scaler_with_coat_optimizer_and_mesa_backward(make_llama):
-    """fp16 autocast + GradScaler (what Lightning's 16-mixed does on a GPU): COAT's optimizer and Mesa's
-    8-bit backward train with it, and an overflowing step is skipped with their state untouched."""
-    pytest.importorskip("memwise_coat")
-    pytest.importorskip("memwise_mesa")
-    from memwise_coat import CoatAdamW
-    from memwise_mesa import apply_mesa
-
-    model = make_llama()
-    assert sum(apply_mesa(model).counts().values()) > 0
-    optimizer = CoatAdamW.from_torch(torch.optim.AdamW(model.parameters(), lr=1e-3), min_numel=1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = model(input_ids=batch, labels=batch).loss
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss), finite
-
-    losses = [step() for _ in range(3)]
-    assert all(f and math.isfinite(v) for v, f in losses) and losses[-1][0] < losses[0][0], losses
-    assert {int(s["step"]) for s in optimizer.state.values()} == {3}
-    assert any(v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for s in optimizer.state.values()
-               for v in s.values())
-    before = _snapshot(model, optimizer)
-    scaler.update(2.0 ** 40)  # fp16 gradients overflow at this scale: the scaler must skip the step
-    _, finite = step()
-    assert not finite and _same(before, _snapshot(model, optimizer))
-    assert scaler.get_scale() < 2.0 ** 40
