@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from memwise import manager
-from memwise.errors import MemwiseError, WriteError
+from memwise.errors import InputError, MemwiseError, WriteError
 from memwise.files import write_failure
 from memwise.hookspecs import HOOK_API
 
@@ -38,7 +38,7 @@ def check_manifest(saved: dict, plugins: list) -> None:
             installed = entry["name"] in manager.available()
             snippet = f"plugins:\n  - use: {entry['name']}\n    with: {entry.get('config', {})}"
             how = "" if installed else f" and install it (pip install {entry.get('distribution') or 'memwise-' + entry['name']})"
-            raise MemwiseError(f"this checkpoint was made with plugin '{entry['name']}', which is required to load "
+            raise InputError(f"this checkpoint was made with plugin '{entry['name']}', which is required to load "
                                f"it; add it to the recipe{how}:\n{snippet}")
 
 
@@ -95,6 +95,6 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise MemwiseError(f"checkpoint '{path}' does not exist") from None
+        raise InputError(f"checkpoint '{path}' does not exist") from None
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise MemwiseError(f"checkpoint '{path}' cannot be loaded safely (weights_only=True): {err}") from None
+        raise InputError(f"checkpoint '{path}' cannot be loaded safely (weights_only=True): {err}") from None

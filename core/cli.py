@@ -164,6 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     rec = recipe.load(args.recipe, args.overrides, stage="fit", allow_resolvers=args.allow_resolvers)
     run = Run(rec, "fit")
+    run.resume_without_plugin_state = args.resume_without_plugin_state
+    created = not run.ctx.report_dir.exists()
     lock = _claim_report_folder(run.ctx.report_dir)
     primary: BaseException | None = None
     try:
@@ -181,6 +183,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             if lock is not None:
                 lock.release()
+            if created and isinstance(primary, RecipeError):  # a rejected recipe leaves nothing behind
+                _remove_if_empty(run.ctx.report_dir)
+
+
+def _remove_if_empty(folder: Any) -> None:
+    """Remove the report folder this command created when it holds only the empty checkpoints folder."""
+    checkpoints = folder / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()) and [p.name for p in folder.iterdir()] == ["checkpoints"]:
+        checkpoints.rmdir()
+        folder.rmdir()
 
 
 def _claim_report_folder(folder: Any) -> Any:
@@ -358,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, e.g. trainer.max_steps=50")
         p.set_defaults(func=func)
         _allow_resolvers_flag(p)
+        if name == "run":
+            p.add_argument("--resume-without-plugin-state", action="store_true",
+                           help="resume a checkpoint made without an optimizer-replacing plugin of this recipe "
+                                "(its weights and progress; that plugin's optimizer state starts fresh)")
         if name == "validate":
             p.add_argument("--stage", choices=["fit", "generate"], default="fit",
                            help="the command the recipe is meant for (run: fit, generate: generate)")

@@ -47,6 +47,8 @@ class Run:
         self.baseline_signature: dict[str, str] = {}
         self.changes: dict[str, list[str]] = {}
         self._val_batches: list[dict] | None = None
+        self.resume_without_plugin_state = False
+        """Resume a checkpoint made without an optimizer-replacing plugin of this run (explicit flag)."""
         self.stop_signal: int | None = None
         """Set by the CLI's SIGINT/SIGTERM handler: stop after the current step."""
         self.signal_handler: Any = None

@@ -37,14 +37,18 @@ def option(default: Any, doc: str, *, ge: float | None = None, gt: float | None 
 _BOUND_TEXT = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}"}
 
 
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def describe_range(bounds: dict[str, float]) -> str:
     """'>= 1', 'in [0, 1)' ... for messages and references."""
     lo = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
     hi = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
     if lo and hi:
-        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == 'le' else ')'}"
+        return f"in {'[' if lo[0] == 'ge' else '('}{_num(lo[1])}, {_num(hi[1])}{']' if hi[0] == 'le' else ')'}"
     k, v = lo or hi
-    return _BOUND_TEXT[k].format(f"{v:g}")
+    return _BOUND_TEXT[k].format(_num(v))
 
 
 def check_range(bounds: dict[str, float], value: Any, path: str) -> list[Problem]:
@@ -189,7 +193,7 @@ def describe(cls: type) -> list[tuple[str, str, str, str]]:
             default = "(required)"
         doc = f.metadata.get("doc", "")
         if "range" in f.metadata:
-            doc += f" ({describe_range(f.metadata['range'])})"
+            doc += f"; must be {describe_range(f.metadata['range'])}"
         rows.append((f.name, _type_name(hints[f.name]), default, doc))
     return rows
 

@@ -10,10 +10,48 @@ import signal
 import pytest
 import torch
 
+import memwise
 from memwise.checkpoint import atomic_save, safe_load
 from memwise.testing import read_metrics
 
 pytestmark = pytest.mark.slow
+
+
+class Spy(memwise.Plugin):
+    """Test-local plugin: records its teardowns."""
+
+    name = "spy"
+    torn_down: list = []
+
+    @memwise.hookimpl
+    def memwise_teardown(self, ctx):
+        type(self).torn_down.append(self.name)
+
+
+class SwapOptimizer(memwise.Plugin):
+    """Test-local optimizer-replacing plugin (what COAT is to a checkpoint without it)."""
+
+    name = "swapopt"
+    phase = "optimizer"
+
+    def provides(self):
+        return {"optimizer.states"}
+
+    @memwise.hookimpl
+    def memwise_configure_optimizer(self, ctx):
+        ctx.optimizer = torch.optim.AdamW(ctx.optimizer.param_groups)
+
+
+@pytest.fixture
+def local_plugins(monkeypatch):
+    """Recipes may name the test-local plugins (as if installed through an entry point)."""
+    from memwise import manager
+
+    real = manager.load
+    local = {p.name: p for p in (Spy, SwapOptimizer)}
+    monkeypatch.setattr(manager, "load", lambda name: local[name] if name in local else real(name))
+    Spy.torn_down = []
+    return local
 
 
 @pytest.fixture
@@ -114,28 +152,69 @@ def test_diverging_learning_rate_stops_with_exit_1(cli, micro, tmp_path):
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_last_ckpt_at_the_current_step(cli, micro, tmp_path, poisoned, monkeypatch, signum, code):
-    from memwise_checkpointing import CheckpointingPlugin
-
-    torn_down = []
-    real = CheckpointingPlugin.memwise_teardown
-
-    def spy(self, ctx):
-        torn_down.append(self.name)
-        return real(self, ctx)
-
-    spy.memwise_impl = real.memwise_impl
-    monkeypatch.setattr(CheckpointingPlugin, "memwise_teardown", spy)
+def test_signal_saves_last_ckpt_at_the_current_step(cli, micro, tmp_path, poisoned, local_plugins, signum, code):
     poisoned["signal"] = (2, signum)
     report = tmp_path / "r"
     (report / "checkpoints").mkdir(parents=True)
     stale = report / "checkpoints" / ".last.ckpt.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
-    got, out, err = cli("run", micro, f"report.dir={report}", "trainer.max_steps=6", "plugins=[{use: checkpointing}]")
+    got, out, err = cli("run", micro, f"report.dir={report}", "trainer.max_steps=6", "plugins=[{use: spy}]")
     assert got == code, err
-    assert torn_down == ["checkpointing"]
+    assert Spy.torn_down == ["spy"]
     assert f"resume={report / 'checkpoints' / 'last.ckpt'}" in " ".join(err.split())
     assert steps_of(report / "checkpoints" / "last.ckpt") == 2
     assert not stale.exists() and f"removed {stale}" in " ".join(out.split())
     assert not (report / ".memwise.lock").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --- checkpoints that do not match ---------------------------------------------------------
+
+
+def _micro():
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "recipes" / "micro.yaml")
+
+
+@pytest.fixture(scope="module")
+def last_ckpt(tmp_path_factory):
+    from memwise.cli import main
+
+    folder = tmp_path_factory.mktemp("trained")
+    assert main(["run", _micro(), f"report.dir={folder}", "trainer.max_steps=2", "report.probe_memory=false"]) == 0
+    return folder / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_of_another_model_shape_says_what_differs(cli, micro, tmp_path, last_ckpt):
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'r'}", f"resume={last_ckpt}",
+                       "model.config.hidden_size=128", "model.config.intermediate_size=256")
+    err = " ".join(err.split())
+    assert code == 2 and "does not match the model" in err and "'hidden_size': 64" in err
+    assert "'hidden_size': 128" in err and "size mismatch" not in err
+
+
+def test_checkpoint_of_another_optimizer(cli, micro, tmp_path, last_ckpt):
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'r'}", f"resume={last_ckpt}", "optimizer.name=sgd")
+    assert code == 2 and "optimizer.name: adamw, this run uses sgd" in " ".join(err.split())
+
+
+def test_checkpoint_made_by_something_else(cli, micro, tmp_path):
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "lightning.ckpt")
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'a'}", f"resume={tmp_path / 'other.pt'}")
+    assert code == 2 and "is not a Lightning checkpoint" in " ".join(err.split())
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'b'}", f"resume={tmp_path / 'lightning.ckpt'}")
+    assert code == 2 and "not written by `memwise run`" in " ".join(err.split())
+
+
+def test_adding_an_optimizer_plugin_on_resume_needs_the_flag(cli, micro, tmp_path, last_ckpt, local_plugins):
+    swap = ["plugins=[{use: swapopt}]", "report.probe_memory=false", "trainer.max_steps=3"]
+    code, _, err = cli("run", micro, f"report.dir={tmp_path / 'a'}", f"resume={last_ckpt}", *swap)
+    err = " ".join(err.split())
+    assert code == 2 and "made without plugin(s) swapopt" in err and "--resume-without-plugin-state" in err
+    code, out, err = cli("run", micro, f"report.dir={tmp_path / 'b'}", f"resume={last_ckpt}", *swap,
+                         "--resume-without-plugin-state")
+    assert code == 0, err
+    assert "fresh optimizer state" in out
+    assert steps_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 3

@@ -137,6 +137,16 @@ class MemwiseCallback(pl.Callback):
         states = {p.name: s for p, s in self.host.each("memwise_state_dict", ctx=self.ctx) if s is not None}
         return {"manifest": manifest(self.host.plugins), "plugins": states}
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Every memwise manifest in the checkpoint, whichever callback wrote it, against this plan:
+        a checkpoint made with a ``required_on_load`` plugin that this Trainer lacks is refused
+        before its optimizer state reaches another optimizer."""
+        if self.leader is not self or self.host is None:
+            return
+        for key, state in (checkpoint.get("callbacks") or {}).items():
+            if str(key).startswith("MemwiseCallback[") and isinstance(state, dict):
+                check_manifest(state.get("manifest", {}), self.host.plugins)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return

@@ -178,15 +178,57 @@ class RecipeModule(pl.LightningModule):
             "elapsed_s": self._elapsed_before + time.perf_counter() - self._start,
         }
 
+    def _check_match(self, checkpoint: dict[str, Any], saved: dict[str, Any], states: dict[str, Any]) -> None:
+        """Refuse (exit 2) a checkpoint of another model shape, optimizer or plugin set, saying what differs."""
+        run = self.run
+        then = saved.get("recipe", {}) or {}
+        now = run.recipe.resolved
+        then_plugins = [e.get("name") for e in saved.get("plugins", [])]
+        now_plugins = [p.name for p in run.recipe.plugins]
+        plugins = f"plugins {then_plugins or 'none'} then, {now_plugins or 'none'} now"
+        current = self.state_dict()
+        ckpt = checkpoint["state_dict"]
+        diffs = [f"{k} is missing" for k in current if k not in ckpt]
+        diffs += [f"{k} is not in this model" for k in ckpt if k not in current]
+        diffs += [f"{k}: {tuple(ckpt[k].shape)} saved, {tuple(current[k].shape)} here" for k in current
+                  if k in ckpt and hasattr(ckpt[k], "shape") and tuple(ckpt[k].shape) != tuple(current[k].shape)]
+        if diffs:
+            model_then = (then.get("model") or {}).get("config", {})
+            model_now = (now.get("model") or {}).get("config", {})
+            raise InputError(f"this checkpoint does not match the model: {len(diffs)} difference(s), e.g. "
+                             f"{'; '.join(diffs[:3])}. model.config {model_then} then, {model_now} now; {plugins}")
+        opt_then = (then.get("optimizer") or {}).get("name", "adamw")
+        opt_now = run.cfg.optimizer.name
+        if then and opt_then != opt_now:
+            raise InputError(f"this checkpoint was trained with optimizer.name: {opt_then}, this run uses {opt_now}; "
+                             "resume with the same optimizer")
+        fresh = [p for p in run.recipe.plugins if p.name not in then_plugins and
+                 ("optimizer.states" in p.provides() or p.required_on_load)]
+        if fresh and then:
+            names = ", ".join(p.name for p in fresh)
+            if not run.resume_without_plugin_state:
+                raise InputError(f"this checkpoint was made without plugin(s) {names} ({plugins}): their state (and "
+                                 "the optimizer state they replace) is not in it. Pass --resume-without-plugin-state "
+                                 "to resume its weights and progress with a fresh optimizer state, or resume "
+                                 "without those plugins")
+            checkpoint["optimizer_states"] = []  # the saved state is for another optimizer: start it fresh
+            print(f"resuming without plugin state for {names}: fresh optimizer state (--resume-without-plugin-state)",
+                  flush=True)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         run = self.run
-        saved = checkpoint.get("memwise", {})
-        bad = guard.nonfinite_tensors(checkpoint.get("state_dict", {}))
+        saved = checkpoint.get("memwise")
+        if not isinstance(saved, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise InputError("this checkpoint was not written by `memwise run` (it has no memwise manifest); resume "
+                             "only from a run's checkpoints/*.ckpt, or load pretrained weights with model.path")
+        bad = guard.nonfinite_tensors(checkpoint["state_dict"])
         if bad:
             raise InputError(f"this checkpoint's weights hold NaN/inf ({', '.join(bad[:4])}"
-                                 f"{', ...' if len(bad) > 4 else ''}); resume from an earlier checkpoint")
-        check_manifest(saved.get("manifest", {}), run.recipe.plugins)
+                             f"{', ...' if len(bad) > 4 else ''}); resume from an earlier checkpoint")
+        saved_manifest = saved.get("manifest", {})
+        check_manifest(saved_manifest, run.recipe.plugins)
         states = saved.get("plugins", {})
+        self._check_match(checkpoint, saved_manifest, states)
         for plugin in run.recipe.plugins:
             if plugin.name in states and run.host.implements(plugin, "memwise_load_state_dict"):
                 plugin.memwise_load_state_dict(ctx=run.ctx, state=states[plugin.name])
