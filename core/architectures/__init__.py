@@ -91,6 +91,16 @@ def for_model(model: torch.nn.Module) -> Architecture:
     return get(model_type_of(model))
 
 
+def hf_adapter(model: torch.nn.Module) -> Architecture | None:
+    """The adapter when ``model`` holds an HF transformers model (an error if its architecture has none);
+    None for a plain torch module, which techniques that act on module types handle without one."""
+    from transformers import PreTrainedModel
+
+    if not any(isinstance(m, PreTrainedModel) for m in model.modules()):
+        return None
+    return for_model(model)
+
+
 def for_config(config: Any) -> Architecture:
     """The adapter of an HF config."""
     return get(str(getattr(config, "model_type", None) or type(config).__name__))
@@ -106,7 +116,7 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(f"{prefix}.{i}" if prefix else str(i), layer) for i, layer in enumerate(layers)]
 
 
-def require(model: torch.nn.Module, plugin: str, *, fused: bool = True, conv1d: bool = True,
+def require(model: torch.nn.Module | Architecture, plugin: str, *, fused: bool = True, conv1d: bool = True,
             gated: bool = False, separate_qkv: bool = False, **traits: Any) -> Architecture:
     """The model's adapter if ``plugin`` can convert it; otherwise an error naming both and why.
 
@@ -115,7 +125,7 @@ def require(model: torch.nn.Module, plugin: str, *, fused: bool = True, conv1d: 
     gated MLP / separate q, k, v projections; further keywords are adapter fields that
     must equal the given value (``rotary=True``).
     """
-    adapter = for_model(model)
+    adapter = model if isinstance(model, Architecture) else for_model(model)
     why = []
     if not fused and adapter.fused:
         why.append(f"fused projections ({', '.join(adapter.fused)})")
@@ -152,4 +162,4 @@ def _register_builtins() -> None:
 _register_builtins()
 
 __all__ = ["GROUP", "Architecture", "Geometry", "UnsupportedArchitecture", "decoder_layers", "for_config",
-           "for_model", "get", "hf_root", "model_type_of", "register", "require", "supported"]
+           "for_model", "get", "hf_adapter", "hf_root", "model_type_of", "register", "require", "supported"]

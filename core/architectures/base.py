@@ -72,6 +72,7 @@ class Architecture:
     projection: str = "linear"  # "linear" (nn.Linear, y = x W^T) or "conv1d" (HF Conv1D, y = x W)
     norm: str = "rms"  # "rms" or "layernorm"
     rotary: bool = True
+    soft_capped: bool = False  # attention logits soft-capped (Gemma2): eager attention only, SDPA cannot
     position_embed: Optional[str] = None  # learned positions inside the backbone (GPT-2's wpe)
     hidden_field: str = "hidden_size"
     layers_field: str = "num_hidden_layers"

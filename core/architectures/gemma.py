@@ -11,7 +11,7 @@ GEMMA2 = Architecture(
     backbone="model", layers="layers", embed="embed_tokens", final_norm="norm", lm_head="lm_head",
     attention="self_attn", mlp="mlp",
     norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
-    o="o_proj", down="down_proj", act="act_fn", layer_bytes=decoder_layer_bytes,
+    o="o_proj", down="down_proj", act="act_fn", soft_capped=True, layer_bytes=decoder_layer_bytes,
     notes="attention runs eager (transformers has no SDPA soft-capping), so it saves the score matrices")
 
 ADAPTERS = (GEMMA2,)

@@ -16,6 +16,7 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
+from memwise import architectures
 from memwise.errors import NoEffectWarning
 from memwise_mesa import attention, layers
 from memwise_mesa.quantizer import RangeQuantizer, channel_groups
@@ -84,7 +85,15 @@ def _norm_width(module: nn.Module) -> int:
 def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
               kinds: Sequence[str] = KINDS, groups: int = 256,
               attention_groups: str = "head_channel") -> tuple[list[Conversion], MesaReport]:
-    """The conversions ``apply_mesa`` would make, without touching ``model``."""
+    """The conversions ``apply_mesa`` would make, without touching ``model``.
+
+    An HF model must be of an architecture whose attention and MLP Mesa converts whole
+    (separate q/k/v and gate/up ``nn.Linear`` projections, SDPA attention); any other is
+    refused rather than converted in part.
+    """
+    adapter = architectures.hf_adapter(model)
+    if adapter is not None:
+        architectures.require(adapter, "mesa", fused=False, conv1d=False, soft_capped=False)
     report = MesaReport()
     plan: list[Conversion] = []
     glu_children: set[str] = set()

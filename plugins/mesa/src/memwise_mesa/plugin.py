@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import memwise
+from memwise.architectures import UnsupportedArchitecture
 from memwise import MemoryDelta, Problem, RecipeError, option
 from memwise_mesa.convert import ATTENTION_GROUPS, KINDS
 
@@ -75,7 +76,10 @@ class MesaPlugin(memwise.Plugin):
     def memwise_validate(self, ctx: Any) -> list:
         if ctx.model is None:
             return []
-        plan, report = self._plan(ctx.model)
+        try:
+            plan, report = self._plan(ctx.model)
+        except UnsupportedArchitecture as err:
+            return [Problem("mesa", str(err))]
         if not plan and not report.already and not self.config.generic:
             return [Problem("mesa.include", f"include {self.config.include} / exclude {self.config.exclude} / "
                                             f"layers {self.config.layers} select no convertible module; widen "
