@@ -31,6 +31,18 @@ PLUGINS = {
     "loram": ("{use: loram, with: {ratio: 0.5, rank: 4}}", {"phi3", "gpt2"}),
 }
 
+# The plugin runs (forward and backward), but its own closed-form delta still counts Llama's layer
+# contents: known gaps of the prediction, strict so that a fix shows up.
+KNOWN = {
+    ("checkpointing", "gemma2"): "kept-input term ignores eager attention recompute and sandwich norms",
+    ("checkpointing", "gpt2"): "kept-input term off for LayerNorm/Conv1D layers",
+    ("mesa", "qwen3"): "Mesa's delta does not count q_norm/k_norm inputs",
+    ("coat", "qwen3"): "COAT's delta does not count q_norm/k_norm inputs",
+    ("coat", "gemma2"): "COAT's delta assumes two norms per layer and SDPA attention",
+    ("loram", "qwen2"): "LoRAM's parameter count drops the pruned q/k/v biases",
+    ("loram", "gemma2"): "LoRAM's pruned-layer activations use the Llama layer formula",
+}
+
 
 def tiny(model_type: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -117,8 +129,9 @@ def test_baseline_prediction_matches_memtracker(tmp_path, model_type):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", TYPES)
-@pytest.mark.parametrize("plugin", list(PLUGINS))
+@pytest.mark.parametrize(("plugin", "model_type"), [
+    pytest.param(p, t, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[p, t])] if (p, t) in KNOWN else [])
+    for p in PLUGINS for t in TYPES])
 def test_plugin_runs_or_refuses_by_name(tmp_path, plugin, model_type):
     block, refused = PLUGINS[plugin]
     path = recipe(tmp_path, model_type, f"[{block}]")

@@ -101,9 +101,9 @@ class Architecture:
         kv = getattr(config, self.kv_heads_field, None) if self.kv_heads_field else None
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         inter = getattr(config, self.intermediate_field, None) or 4 * hidden
-        return Geometry(layers=getattr(config, self.layers_field), hidden=hidden, heads=heads,
+        return Geometry(layers=getattr(config, self.layers_field, 1), hidden=hidden, heads=heads,
                         kv_heads=kv or heads, head_dim=head_dim, intermediate=inter,
-                        vocab=config.vocab_size, activation=str(getattr(config, self.activation_field, "")))
+                        vocab=getattr(config, "vocab_size", 0), activation=str(getattr(config, self.activation_field, "")))
 
     # --- modules ---------------------------------------------------------------------------
 
