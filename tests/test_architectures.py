@@ -34,11 +34,6 @@ PLUGINS = {
 # The plugin runs (forward and backward), but its own closed-form delta still counts Llama's layer
 # contents: known gaps of the prediction, strict so that a fix shows up.
 KNOWN = {
-    ("checkpointing", "gemma2"): "kept-input term ignores eager attention recompute and sandwich norms",
-    ("checkpointing", "gpt2"): "kept-input term off for LayerNorm/Conv1D layers",
-    ("mesa", "qwen3"): "Mesa's delta does not count q_norm/k_norm inputs",
-    ("coat", "qwen3"): "COAT's delta does not count q_norm/k_norm inputs",
-    ("coat", "gemma2"): "COAT's delta assumes two norms per layer and SDPA attention",
     ("loram", "qwen2"): "LoRAM's parameter count drops the pruned q/k/v biases",
     ("loram", "gemma2"): "LoRAM's pruned-layer activations use the Llama layer formula",
 }

@@ -43,8 +43,13 @@ def decoder_layer_bytes(adapter: Any, geo: Any, config: Any, batch: int, seq: in
 
 
 def outside_bytes(adapter: Any, geo: Any, config: Any, batch: int, seq: int, precision: str) -> int:
-    """What an architecture saves outside its layers beyond the Llama terms (final logit soft-capping)."""
+    """What an architecture saves outside its layers beyond (or short of) the Llama terms: a final LayerNorm
+    keeps input, output, mean and rstd (RMSNorm: input, normalized, output, rsqrt); soft-capped logits
+    keep their tanh."""
     size = 2 if precision in ("bf16-true", "16-true") else 4
+    per_token = 0
+    if adapter.norm == "layernorm":
+        per_token += 4 - size * geo.hidden
     if getattr(config, "final_logit_softcapping", None):
-        return batch * seq * size * geo.vocab
-    return 0
+        per_token += size * geo.vocab
+    return batch * seq * per_token

@@ -53,7 +53,12 @@ class CheckpointingPlugin(memwise.Plugin):
         embed = getattr(adapter.backbone_of(architectures.hf_root(ctx.model)), adapter.embed)
         kept = w.batch_size * w.seq_len * adapter.geometry(config).hidden * embed.weight.element_size()
         n = self._count(ctx.model)
-        return MemoryDelta(activations=-n * (layer - kept), temporaries=layer,
+        masks = 0
+        if n and getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+            # eager attention takes float masks (one per kind of layer: full, sliding), which become checkpoint inputs
+            kinds = len(set(getattr(config, "layer_types", None) or ["full_attention"]))
+            masks = kinds * w.batch_size * w.seq_len ** 2 * embed.weight.element_size()
+        return MemoryDelta(activations=-n * (layer - kept) + masks, temporaries=layer,
                            note=f"{n} of {len(decoder_layers(ctx.model))} layers keep only their input; "
                                 "one layer is recomputed at a time in backward")
 
