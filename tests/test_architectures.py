@@ -31,12 +31,6 @@ PLUGINS = {
     "loram": ("{use: loram, with: {ratio: 0.5, rank: 4}}", {"phi3", "gpt2"}),
 }
 
-# The plugin runs (forward and backward), but its own closed-form delta still counts Llama's layer
-# contents: known gaps of the prediction, strict so that a fix shows up.
-KNOWN = {
-    ("loram", "qwen2"): "LoRAM's parameter count drops the pruned q/k/v biases",
-    ("loram", "gemma2"): "LoRAM's pruned-layer activations use the Llama layer formula",
-}
 
 
 def tiny(model_type: str, seed: int = 0) -> torch.nn.Module:
@@ -125,8 +119,7 @@ def test_baseline_prediction_matches_memtracker(tmp_path, model_type):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("plugin", "model_type"), [
-    pytest.param(p, t, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[p, t])] if (p, t) in KNOWN else [])
-    for p in PLUGINS for t in TYPES])
+    (p, t) for p in PLUGINS for t in TYPES])
 def test_plugin_runs_or_refuses_by_name(tmp_path, plugin, model_type):
     block, refused = PLUGINS[plugin]
     path = recipe(tmp_path, model_type, f"[{block}]")

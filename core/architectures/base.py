@@ -72,6 +72,7 @@ class Architecture:
     projection: str = "linear"  # "linear" (nn.Linear, y = x W^T) or "conv1d" (HF Conv1D, y = x W)
     norm: str = "rms"  # "rms" or "layernorm"
     rotary: bool = True
+    qkv_bias: bool = False  # q, k and v projections always have biases (Qwen2), whatever attention_bias says
     soft_capped: bool = False  # attention logits soft-capped (Gemma2): eager attention only, SDPA cannot
     position_embed: Optional[str] = None  # learned positions inside the backbone (GPT-2's wpe)
     hidden_field: str = "hidden_size"
@@ -103,7 +104,8 @@ class Architecture:
         inter = getattr(config, self.intermediate_field, None) or 4 * hidden
         return Geometry(layers=getattr(config, self.layers_field, 1), hidden=hidden, heads=heads,
                         kv_heads=kv or heads, head_dim=head_dim, intermediate=inter,
-                        vocab=getattr(config, "vocab_size", 0), activation=str(getattr(config, self.activation_field, "")))
+                        vocab=getattr(config, "vocab_size", 0),
+                        activation=str(getattr(config, self.activation_field, "")))
 
     # --- modules ---------------------------------------------------------------------------
 

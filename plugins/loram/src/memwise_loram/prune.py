@@ -21,8 +21,8 @@ def check_architecture(model: nn.Module) -> None:
     """LoRAM prunes KV-head groups and MLP channels across separate q/k/v/o and gate/up/down ``nn.Linear``
     projections under ``self_attn`` and ``mlp`` (the names in ``LINEARS``); any other layout (fused qkv or
     gate_up, Conv1D) is refused by name rather than pruned in part."""
-    names = {"backbone": "model", "layers": "layers", "attention": "self_attn", "mlp": "mlp", "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-             "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    names = {"backbone": "model", "layers": "layers", "attention": "self_attn", "mlp": "mlp", "q": "q_proj",
+             "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     architectures.require(model, "loram", fused=False, conv1d=False, **names)
 
 
