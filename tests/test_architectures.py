@@ -152,3 +152,42 @@ def test_kvprune_generates_or_refuses_by_name(model_type):
             pruned = model.generate(**kwargs, **{cache_kwarg(): cache})
     assert torch.equal(plain, same)
     assert pruned.shape == plain.shape and 0 < cache.nbytes() < cache.dense_nbytes()
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt2"])
+def test_functional_apis_refuse_what_they_cannot_convert_whole(model_type):
+    """Without the framework too (callback mode, a user's own loop): no silent partial conversion."""
+    from memwise_coat.activations import apply_fp8_activations
+    from memwise_loram.prune import prune
+    from memwise_mesa import apply_mesa
+
+    model = tiny(model_type)
+    before = [type(m) for m in model.modules()]
+    for plugin, convert in (("mesa", apply_mesa), ("coat", apply_fp8_activations),
+                            ("loram", lambda m: prune(m, "l2", 0.5))):
+        with pytest.raises(UnsupportedArchitecture, match=f"plugin '{plugin}' cannot convert architecture "
+                                                          f"'{model_type}'"):
+            convert(model)
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_builder_loads_a_folder_of_its_architecture_and_refuses_another(tmp_path):
+    model = tiny("qwen2").eval()
+    model.save_pretrained(tmp_path / "qwen2")
+    cfg = SimpleNamespace(path=str(tmp_path / "qwen2"), dtype="float32", attn_implementation="sdpa", config={})
+    loaded = build(architectures.get("qwen2"), cfg, 260).eval()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(Exception, match="holds a 'qwen2' model but model.builder is 'llama'"):
+        build(architectures.get("llama"), cfg, 260)
+
+
+@pytest.mark.slow
+def test_generic_mesa_takes_an_architecture_its_layer_rules_cover_in_part(tmp_path):
+    """GPT-2 (Conv1D, fused c_attn): refused by the layer rules alone, accepted with generic: true,
+    whose saved-tensor hooks pack the rest: the probe step's saved activations fall."""
+    base = measure_recipe(recipe(tmp_path, "gpt2"), warm=False)[1].headline()["activations"]
+    generic = measure_recipe(recipe(tmp_path, "gpt2", "[{use: mesa, with: {generic: true, generic_min_numel: 1}}]"),
+                             warm=False)[1].headline()["activations"]
+    assert generic < 0.6 * base, (generic, base)

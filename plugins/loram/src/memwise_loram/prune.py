@@ -45,7 +45,7 @@ def prune(model: nn.Module, method: str, ratio: float, layers: str | Iterable[in
     geometry = Geometry.of(model.config)
     chosen = parse_layers(layers, geometry.num_layers)
     imap = IndexMap(method, float(ratio), geometry)
-    decoder = model.model.layers
+    decoder = [layer for _, layer in architectures.decoder_layers(model)]
     if method in ("wanda", "2:4"):
         norms = input_norms(model, chosen, calibration) if calibration else {}
         for i in chosen:

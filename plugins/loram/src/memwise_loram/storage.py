@@ -34,7 +34,7 @@ def rebuild(config: Any, imap: IndexMap, device: str | torch.device | None = Non
         model = model_class(config)
     if imap.structured:
         for i, keep in imap.layers.items():
-            resize_layer(model.model.layers[i], imap.geometry, keep)
+            resize_layer(architectures.for_model(model).decoder_layers(model)[i], imap.geometry, keep)
     return model
 
 

@@ -70,7 +70,7 @@ class MesaPlugin(memwise.Plugin):
         from memwise_mesa.convert import plan_mesa
 
         c = self.config
-        return plan_mesa(model, c.include, c.exclude, c.layers, c.groups, c.attention_groups)
+        return plan_mesa(model, c.include, c.exclude, c.layers, c.groups, c.attention_groups, partial=c.generic)
 
     @memwise.hookimpl
     def memwise_validate(self, ctx: Any) -> list:
@@ -79,7 +79,8 @@ class MesaPlugin(memwise.Plugin):
         try:
             plan, report = self._plan(ctx.model)
         except UnsupportedArchitecture as err:
-            return [Problem("mesa", str(err))]
+            return [Problem("mesa", f"{err}; or set generic: true (saved-tensor hooks pack what the layer rules "
+                                    "leave)")]
         if not plan and not report.already and not self.config.generic:
             return [Problem("mesa.include", f"include {self.config.include} / exclude {self.config.exclude} / "
                                             f"layers {self.config.layers} select no convertible module; widen "
@@ -105,7 +106,7 @@ class MesaPlugin(memwise.Plugin):
         for conv in plan:
             ctx.claims.claim(conv.name, self)
         report = apply_mesa(ctx.model, c.bits, c.include, c.exclude, c.layers, c.groups, c.decay, c.stochastic,
-                            c.attention_groups)
+                            c.attention_groups, partial=c.generic)
         ctx.shared["mesa"] = {"converted": report.counts()}
 
     @memwise.hookimpl
