@@ -229,42 +229,38 @@ def measure_step(
 # --- prediction ----------------------------------------------------------------------------
 
 
-def llama_layer_activation_bytes(config: Any, batch: int, seq: int, precision: str = "32-true") -> int:
-    """Bytes one HF Llama decoder layer saves for backward (SDPA attention, no technique).
+def _adapter(config: Any) -> Any:
+    """The architecture adapter of an HF config; a bare namespace of sizes is read as Llama."""
+    from memwise import architectures
 
-    Counted from what autograd keeps: per RMSNorm the normalized input and the output,
-    q and k after RoPE, v, the attention output (CPU SDPA returns it already in the
-    layout o_proj reads, so no second copy), the residual, and the SwiGLU gate, up, SiLU
-    and product. Under bf16 autocast each linear layer keeps its own bf16 copy of its
-    input, while norms and residuals stay fp32. Calibrated against MemTracker on the
-    tiny and small workloads (within 2%).
-    """
-    h, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    q, kv = heads * head_dim, config.num_key_value_heads * head_dim
-    small = 4 * 2 + 4 * heads  # two rsqrt columns, SDPA's logsumexp (fp32)
-    if precision in ("bf16-mixed", "16-mixed"):
-        per_token = 4 * 4 * h + 2 * 5 * h + 2 * (2 * q + 2 * kv + 4 * inter) + small
-    else:
-        size = 2 if precision in ("bf16-true", "16-true") else 4
-        per_token = size * (6 * h + 2 * q + 2 * kv + 4 * inter) + small
-    return batch * seq * per_token
+    return architectures.for_config(config) if getattr(config, "model_type", None) else architectures.get("llama")
+
+
+def llama_layer_activation_bytes(config: Any, batch: int, seq: int, precision: str = "32-true") -> int:
+    """Bytes one decoder layer saves for backward (no technique), from the architecture adapter of
+    ``config.model_type`` (a config without one is read as Llama); see memwise.architectures.activations."""
+    adapter = _adapter(config)
+    return adapter.layer_bytes(adapter, adapter.geometry(config), config, batch, seq, precision)
 
 
 def llama_activation_bytes(config: Any, batch: int, seq: int, precision: str = "32-true",
                            layers: int | None = None) -> int:
     """Saved-for-backward bytes of the whole model: embeddings, layers, final norm, head, loss."""
-    n = config.num_hidden_layers if layers is None else layers
-    h, vocab = config.hidden_size, config.vocab_size
+    from memwise.architectures.activations import outside_bytes
+
+    adapter = _adapter(config)
+    geo = adapter.geometry(config)
+    n = geo.layers if layers is None else layers
+    h, vocab = geo.hidden, geo.vocab
     if precision in ("bf16-mixed", "16-mixed"):
         # fp32 embedding output and final norm; bf16 head input and logits; fp32 copy + log-softmax
         outside = 4 * 2 * h + 2 * h + 2 * vocab + 4 * vocab + 4 * vocab
     elif precision in ("bf16-true", "16-true"):
         outside = 2 * 3 * h + 2 * vocab + 4 * vocab + 4 * vocab
-    else:
-        outside = 4 * 3 * h + 4 * vocab + 4 * vocab
-    return n * llama_layer_activation_bytes(config, batch, seq, precision) + batch * seq * (outside + 4)
+    else:  # final norm (input, normalized, head input) and the log-softmax output (measured: no logits copy)
+        outside = 4 * 3 * h + 4 * vocab
+    return (n * llama_layer_activation_bytes(config, batch, seq, precision) + batch * seq * (outside + 4)
+            + outside_bytes(adapter, geo, config, batch, seq, precision))
 
 
 def predict_baseline(model: torch.nn.Module, optimizer_state_bytes: int, batch: int, seq: int,

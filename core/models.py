@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from memwise import architectures
+from memwise.architectures.builders import architecture_builders, config_fields
 from memwise.errors import Problem
 from memwise.schema import option, suggest
 
@@ -18,8 +20,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelConfig:
-    builder: str = option("llama", "model builder name (registered): llama")
-    config: dict = option({}, "HF config fields (LlamaConfig), e.g. hidden_size, num_hidden_layers")
+    builder: str = option("llama", "model builder (registered): llama, mistral, qwen2, qwen3, gemma2, phi3, gpt2")
+    config: dict = option({}, "HF config fields of the builder's config class (LlamaConfig for llama), e.g. hidden_size")
     path: Optional[str] = option(None, "local folder of a pretrained model (config.json + safetensors)")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "parameter dtype")
     attn_implementation: Literal["sdpa", "eager"] = option("sdpa", "attention kernel (baselines use sdpa)")
@@ -37,10 +39,11 @@ def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
     if cfg.builder not in BUILDERS:
         problems.append(Problem(f"{path}.builder", _unknown("model builder", cfg.builder, BUILDERS)))
         return problems
-    known = _llama_fields()
+    known = _llama_fields() if cfg.builder == "llama" else config_fields(cfg.builder)
     for key in cfg.config:
         if key not in known:
-            problems.append(Problem(f"{path}.config.{key}", "not a LlamaConfig field" + suggest(key, known)))
+            problems.append(Problem(f"{path}.config.{key}", f"not a field of the '{cfg.builder}' builder's config"
+                                    + suggest(key, known)))
     if cfg.path is not None:
         problems += check_folder(cfg.path, f"{path}.path")
     return problems
@@ -85,7 +88,7 @@ def _llama(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
     return model.to(DTYPES[cfg.dtype])
 
 
-BUILDERS: dict[str, Any] = {"llama": _llama}
+BUILDERS: dict[str, Any] = {**architecture_builders(), "llama": _llama}
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
@@ -94,13 +97,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(qualified name, module) of each transformer block, for plugins that act per layer.
-
-    The blocks are the first ``ModuleList`` named ``layers`` (HF decoders: ``model.layers``),
-    wherever the model sits inside the module (a user's LightningModule, a PEFT wrapper).
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] == "layers":
-            return [(f"{name}.{i}", layer) for i, layer in enumerate(module)]
-    raise ValueError(f"{type(model).__name__} has no decoder layers (a ModuleList named 'layers', as in HF "
-                     "Llama's model.layers)")
+    """(qualified name, module) of each decoder layer of the HF model inside ``model`` (a user's
+    LightningModule, a PEFT wrapper), found through its architecture adapter; an architecture
+    without one is an error listing the supported ones."""
+    return architectures.decoder_layers(model)

@@ -49,7 +49,9 @@ def test_saved_activations_fall_and_estimate_tracks_them():
 
     def saved(m):
         opt = torch.optim.SGD(m.parameters(), lr=0.0)
-        return measure_step(m, opt, lambda: m(input_ids=ids, labels=ids).loss).after_forward["activations"]
+        # use_cache=False as in training: a KV cache would keep k and v of every layer
+        return measure_step(m, opt, lambda: m(input_ids=ids, labels=ids, use_cache=False).loss
+                            ).after_forward["activations"]
 
     base = saved(model())
     m = model()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import memwise
-from memwise import MemoryDelta, Problem, hookimpl, option
+from memwise import MemoryDelta, Problem, architectures, hookimpl, option
 from memwise.memory import llama_layer_activation_bytes
 from memwise.models import decoder_layers
 from memwise_checkpointing.surgery import apply_checkpointing, remove_checkpointing, select_layers
@@ -39,6 +39,8 @@ class CheckpointingPlugin(memwise.Plugin):
     def memwise_validate(self, ctx) -> list:
         try:
             self._count(ctx.model)
+        except architectures.UnsupportedArchitecture as err:
+            return [Problem("checkpointing", str(err))]
         except (IndexError, ValueError) as err:
             return [Problem("checkpointing.layers", str(err))]
         return []
@@ -46,10 +48,17 @@ class CheckpointingPlugin(memwise.Plugin):
     @hookimpl
     def memwise_estimate_memory(self, ctx, estimate) -> MemoryDelta:
         w, config = ctx.workload, ctx.model.config
+        adapter = architectures.for_model(ctx.model)
         layer = llama_layer_activation_bytes(config, w.batch_size, w.seq_len, w.precision)
-        kept = w.batch_size * w.seq_len * config.hidden_size * ctx.model.model.embed_tokens.weight.element_size()
+        embed = getattr(adapter.backbone_of(architectures.hf_root(ctx.model)), adapter.embed)
+        kept = w.batch_size * w.seq_len * adapter.geometry(config).hidden * embed.weight.element_size()
         n = self._count(ctx.model)
-        return MemoryDelta(activations=-n * (layer - kept), temporaries=layer,
+        masks = 0
+        if n and getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+            # eager attention takes float masks (one per kind of layer: full, sliding), which become checkpoint inputs
+            kinds = len(set(getattr(config, "layer_types", None) or ["full_attention"]))
+            masks = kinds * w.batch_size * w.seq_len ** 2 * embed.weight.element_size()
+        return MemoryDelta(activations=-n * (layer - kept) + masks, temporaries=layer,
                            note=f"{n} of {len(decoder_layers(ctx.model))} layers keep only their input; "
                                 "one layer is recomputed at a time in backward")
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from memwise import NoEffectWarning
+from memwise import NoEffectWarning, architectures
 from torch import nn
 
 from memwise_coat.activation_quant import fp8_linear, fp8_recompute
@@ -87,6 +87,14 @@ def _selected(name: str, include: Iterable[str] | None, exclude: Iterable[str]) 
     return include is None or any(fnmatch.fnmatch(name, pat) for pat in include)
 
 
+def check_architecture(model: nn.Module) -> None:
+    """An HF model must keep its projections as separate ``nn.Linear`` (fused gate/up or Conv1D would leave
+    part of every layer in full precision); refused by name otherwise."""
+    adapter = architectures.hf_adapter(model)
+    if adapter is not None:
+        architectures.require(adapter, "coat", fused=False, conv1d=False)
+
+
 def apply_fp8_activations(model: nn.Module, *, include: Iterable[str] | None = None, exclude: Iterable[str] = (),
                           linear: bool = True, nonlinear: bool = True, grad_format: str | None = None) -> list[str]:
     """Convert the model's layers in place; return the names of the modules converted this call.
@@ -97,6 +105,7 @@ def apply_fp8_activations(model: nn.Module, *, include: Iterable[str] | None = N
     """
     if grad_format not in (None, "e5m2"):
         raise ValueError(f"grad_format must be None or 'e5m2', got {grad_format!r}")
+    check_architecture(model)
     include = list(include) if include is not None else None
     exclude = list(exclude)
     converted: list[str] = []

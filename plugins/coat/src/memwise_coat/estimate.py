@@ -38,23 +38,30 @@ def activation_delta(model: nn.Module, workload: Any, config: Any) -> tuple[int,
     (q, k after RoPE, v, output, which o_proj reads) stays as it is. Calibrated against MemTracker
     on `tiny` (fp32).
     """
+    from memwise import architectures
     from memwise.memory import llama_layer_activation_bytes
 
     cfg = getattr(model, "config", None)
     if cfg is None or workload is None:
-        return 0, "activations: no Llama config, not predicted"
+        return 0, "activations: no HF config, not predicted"
+    adapter = architectures.for_config(cfg)
+    geo = adapter.geometry(cfg)
     b, s, precision = workload.batch_size, workload.seq_len, workload.precision
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or h // heads
-    q, kv = heads * head_dim, cfg.num_key_value_heads * head_dim
+    h, inter, heads = geo.hidden, geo.intermediate, geo.heads
+    q, kv = geo.q_width, geo.kv_width
     size = 2 if precision.startswith(("bf16", "16")) else 4
     grouped = 1 + 2 / 16
     per_token = (2 * grouped * h + 2 * h  # two norm inputs (1x16) and their outputs (per tensor) for q/k/v, gate/up
                  + size * (2 * q + 2 * kv)  # q, k after RoPE, v, attention output (also o_proj's input)
                  + 2 * grouped * inter + inter  # SwiGLU gate and up (1x16), product for down_proj
                  + 4 * heads)  # SDPA logsumexp
-    layers = cfg.num_hidden_layers
+    if adapter.qk_norms:  # per-head norms of q and k keep their input as 1x16 FP8 (and rsqrt per head)
+        per_token += grouped * (q + kv) + 4 * (heads + geo.kv_heads)
+    if len(adapter.norms) == 4:  # Gemma2's post-norms keep their input as 1x16 FP8
+        per_token += 2 * grouped * h + 4 * 2
+    if getattr(cfg, "_attn_implementation", "sdpa") != "sdpa":  # eager attention stays as it is (see memwise)
+        per_token += size * (2 * q - 2 * kv) + 4 * 2 * heads * s - 4 * heads
+    layers = geo.layers
     fp8 = layers * b * s * per_token
     base = layers * llama_layer_activation_bytes(cfg, b, s, precision)
     # final norm input (1x16) and lm_head input (per tensor) instead of norm input, normalized input, head input

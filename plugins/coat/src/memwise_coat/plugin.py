@@ -71,6 +71,14 @@ class CoatPlugin(memwise.Plugin):
         if self.config.optimizer and name != "adamw":
             return [Problem("coat.optimizer", f"replaces AdamW, but the recipe's optimizer is '{name}'; "
                             "set optimizer.name: adamw, or coat.optimizer: false")]
+        if self.config.activations and ctx.model is not None:
+            from memwise.architectures import UnsupportedArchitecture
+            from memwise_coat.activations import check_architecture
+
+            try:
+                check_architecture(ctx.model)
+            except UnsupportedArchitecture as err:
+                return [Problem("coat.activations", f"{err} (coat.activations: false keeps the FP8 optimizer)")]
         return []
 
     @hookimpl

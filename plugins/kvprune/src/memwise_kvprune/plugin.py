@@ -76,6 +76,12 @@ class KVPrunePlugin(memwise.Plugin):
         if not callable(getattr(model, "set_attn_implementation", None)) or not hasattr(model, "config"):
             return [Problem("kvprune", f"needs a transformers model with pluggable attention, got "
                             f"{type(model).__name__}: build the model with the llama builder")]
+        from memwise.architectures import UnsupportedArchitecture, require
+
+        try:  # the pruned attention is SDPA over the kept keys: soft-capped logits (Gemma2) would be lost
+            require(model, "kvprune", soft_capped=False)
+        except UnsupportedArchitecture as err:
+            return [Problem("kvprune", str(err))]
         can_set = getattr(model, "_can_set_attn_implementation", lambda: True)
         if not can_set():
             return [Problem("kvprune", f"{type(model).__name__} does not dispatch attention through "

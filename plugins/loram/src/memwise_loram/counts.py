@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from memwise import architectures
 from memwise_loram.index_map import Geometry, kept_counts, parse_layers
 from memwise_loram.nf4 import nf4_nbytes
 
@@ -35,6 +36,8 @@ def _biases(config: Any, shapes: dict[str, tuple[int, int]]) -> int:
     n = 0
     if getattr(config, "attention_bias", False):
         n += sum(shapes[m][1] for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    elif getattr(config, "model_type", None) and architectures.for_config(config).qkv_bias:
+        n += sum(shapes[m][1] for m in ("q_proj", "k_proj", "v_proj"))
     if getattr(config, "mlp_bias", False):
         n += sum(shapes[m][1] for m in ("gate_proj", "up_proj", "down_proj"))
     return n

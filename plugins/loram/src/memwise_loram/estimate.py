@@ -9,11 +9,14 @@ what a frozen base no longer saves, plus what each adapter saves.
 
 from __future__ import annotations
 
+import copy
+
 from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
 
+from memwise import architectures
 from memwise.memory import MemoryDelta, llama_layer_activation_bytes
 from memwise_loram.counts import base_storage, layer_linears, layer_shapes, lora_parameters
 from memwise_loram.index_map import Geometry
@@ -45,24 +48,36 @@ def loram_delta(model: nn.Module, config: Any, nf4: dict | None, estimate: Any, 
     )
 
 
+def _pruned_config(cfg: Any, **sizes: int) -> Any:
+    """The config of one pruned layer: the model's own (its architecture's formula applies), other sizes."""
+    if getattr(cfg, "model_type", None) is None:
+        return SimpleNamespace(**sizes)
+    layer = copy.copy(cfg)
+    for key, value in sizes.items():
+        setattr(layer, key, value)
+    return layer
+
+
 def activation_delta(cfg: Any, shapes: list[tuple[int, int]], rank: int, targets: list[str], dropout: float,
                      workload: Any) -> int:
     """Approximate change of saved activations against the unpruned, fully trained model.
 
-    Per layer and token: the core's formula at the pruned shapes; minus 3 hidden vectors
-    that only weight gradients of the frozen base needed; plus r values per adapter
+    Per layer and token: the core's formula at the pruned shapes; minus the hidden vectors
+    that only weight gradients of the frozen base needed (one per norm, and one more); plus r values per adapter
     (A's output) and, with dropout, the dropped input (its dtype) and its 1-byte mask.
     """
     geo = Geometry.of(cfg)
+    # a frozen norm's weight needs no normalized input: one hidden vector per norm (Gemma2 has four)
+    norms = len(architectures.for_config(cfg).norms) if getattr(cfg, "model_type", None) else 2
     size = workload.activation_dtype.itemsize
     tokens = workload.batch_size * workload.seq_len
     total = 0
     for kv, ch in shapes:
-        layer = SimpleNamespace(hidden_size=geo.hidden_size, intermediate_size=ch, head_dim=geo.head_dim,
-                                num_attention_heads=kv * geo.group, num_key_value_heads=kv)
+        layer = _pruned_config(cfg, hidden_size=geo.hidden_size, intermediate_size=ch, head_dim=geo.head_dim,
+                               num_attention_heads=kv * geo.group, num_key_value_heads=kv)
         total += llama_layer_activation_bytes(layer, workload.batch_size, workload.seq_len, workload.precision)
         total -= llama_layer_activation_bytes(cfg, workload.batch_size, workload.seq_len, workload.precision)
-        per_token = -3 * geo.hidden_size * size
+        per_token = -(1 + norms) * geo.hidden_size * size
         for name, (fan_in, _) in layer_linears(cfg, kv, ch).items():
             if name in targets:
                 per_token += rank * size + (fan_in * (size + 1) if dropout > 0 else 0)

@@ -45,9 +45,9 @@ def apply_adapter(model: nn.Module, adapter_folder: str | Path) -> nn.Module:
 
 def evaluate_recovered(base_folder: str | Path, adapter_folder: str | Path, batches: list[dict]) -> dict[str, float]:
     """Validation loss of the full base and of the full base + recovered adapter."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(base_folder), local_files_only=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder), local_files_only=True, trust_remote_code=False)
     base = val_loss(model, batches)
     recovered = val_loss(apply_adapter(model, adapter_folder), batches)
     return {"base_val_loss": base, "recovered_val_loss": recovered,

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from memwise import architectures
 from memwise_loram.index_map import Geometry
 
 
@@ -68,7 +69,7 @@ def taylor_grads(model: nn.Module, layers: Iterable[int], batches: Iterable) -> 
 
     The model's requires_grad flags and .grad fields are restored afterwards.
     """
-    decoder = model.model.layers
+    decoder = [layer for _, layer in architectures.decoder_layers(model)]
     linears = {i: dict(_linears(decoder[i])) for i in layers}
     params = [m.weight for mods in linears.values() for m in mods.values()]
     saved = [(p, p.requires_grad, p.grad) for p in params]
@@ -106,7 +107,7 @@ def _linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
 @torch.no_grad()
 def input_norms(model: nn.Module, layers: Iterable[int], batches: Iterable) -> dict[int, dict[str, torch.Tensor]]:
     """||X_j||_2 of every linear's input column j over all calibration tokens (for Wanda)."""
-    decoder = model.model.layers
+    decoder = [layer for _, layer in architectures.decoder_layers(model)]
     sums: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
     for i in layers:

@@ -97,9 +97,14 @@ class LoramPlugin(Plugin):
     def memwise_validate(self, ctx: Any) -> list:
         c = self.config
         problems = []
-        config = getattr(ctx.model, "config", None)
-        if config is None or not hasattr(getattr(ctx.model, "model", None), "layers"):
-            return [Problem("loram", "needs an HF Llama-style model (model.model.layers with self_attn and mlp)")]
+        from memwise.architectures import UnsupportedArchitecture
+        from memwise_loram.prune import check_architecture
+
+        try:
+            check_architecture(ctx.model)
+        except UnsupportedArchitecture as err:
+            return [Problem("loram", str(err))]
+        config = ctx.model.config
         try:
             parse_layers(c.layers, config.num_hidden_layers)
         except ValueError as exc:

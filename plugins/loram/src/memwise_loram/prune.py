@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from memwise import architectures
 from memwise_loram.importance import group_scores, input_norms, taylor_grads, top_k_sorted
 from memwise_loram.index_map import METHODS, Geometry, IndexMap, LayerKeep, kept_counts, parse_layers
 from memwise_loram.masking import apply_mask, two_four_mask, wanda_mask
@@ -14,6 +15,15 @@ from memwise_loram.structured import shrink_layer
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def check_architecture(model: nn.Module) -> None:
+    """LoRAM prunes KV-head groups and MLP channels across separate q/k/v/o and gate/up/down ``nn.Linear``
+    projections under ``self_attn`` and ``mlp`` (the names in ``LINEARS``); any other layout (fused qkv or
+    gate_up, Conv1D) is refused by name rather than pruned in part."""
+    names = {"backbone": "model", "layers": "layers", "attention": "self_attn", "mlp": "mlp", "q": "q_proj",
+             "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    architectures.require(model, "loram", fused=False, conv1d=False, **names)
 
 
 @torch.no_grad()
@@ -31,10 +41,11 @@ def prune(model: nn.Module, method: str, ratio: float, layers: str | Iterable[in
         raise ValueError(f"unknown pruning method '{method}'; choose one of {', '.join(METHODS)}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    check_architecture(model)
     geometry = Geometry.of(model.config)
     chosen = parse_layers(layers, geometry.num_layers)
     imap = IndexMap(method, float(ratio), geometry)
-    decoder = model.model.layers
+    decoder = [layer for _, layer in architectures.decoder_layers(model)]
     if method in ("wanda", "2:4"):
         norms = input_norms(model, chosen, calibration) if calibration else {}
         for i in chosen:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memwise import architectures
 from memwise_loram.index_map import IndexMap
 from memwise_loram.lora import ALL_TARGETS, LoraSpec, inject_lora
 from memwise_loram.structured import resize_layer
@@ -25,14 +26,15 @@ SETTINGS = "loram.json"
 
 
 def rebuild(config: Any, imap: IndexMap, device: str | torch.device | None = None) -> nn.Module:
-    """An HF Llama model with the pruned shapes of ``imap`` (weights uninitialised on meta)."""
-    from transformers import LlamaForCausalLM
+    """The config's HF causal LM (by its architecture adapter) with the pruned shapes of ``imap``."""
+    import transformers
 
+    model_class = getattr(transformers, architectures.for_config(config).model_class)
     with torch.device(device or "cpu"):
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     if imap.structured:
         for i, keep in imap.layers.items():
-            resize_layer(model.model.layers[i], imap.geometry, keep)
+            resize_layer(architectures.for_model(model).decoder_layers(model)[i], imap.geometry, keep)
     return model
 
 
@@ -54,10 +56,10 @@ def save_pruned(model: nn.Module, imap: IndexMap, folder: str | Path, spec: Lora
 def load_pruned(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, IndexMap, LoraSpec | None]:
     """Rebuild what ``save_pruned`` wrote: (model, index map, adapter spec or None)."""
     from safetensors.torch import load_model
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     folder = Path(folder)
-    config = LlamaConfig.from_json_file(str(folder / "config.json"))
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     imap = IndexMap.load(folder)
     settings = json.loads((folder / SETTINGS).read_text())
     model = rebuild(config, imap, device)

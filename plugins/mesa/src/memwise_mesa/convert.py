@@ -16,6 +16,7 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
+from memwise import architectures
 from memwise.errors import NoEffectWarning
 from memwise_mesa import attention, layers, rounding
 from memwise_mesa.quantizer import RangeQuantizer, channel_groups
@@ -83,8 +84,18 @@ def _norm_width(module: nn.Module) -> int:
 
 def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
               kinds: Sequence[str] = KINDS, groups: int = 256,
-              attention_groups: str = "head_channel") -> tuple[list[Conversion], MesaReport]:
-    """The conversions ``apply_mesa`` would make, without touching ``model``."""
+              attention_groups: str = "head_channel",
+              partial: bool = False) -> tuple[list[Conversion], MesaReport]:
+    """The conversions ``apply_mesa`` would make, without touching ``model``.
+
+    An HF model must be of an architecture whose attention and MLP Mesa converts whole
+    (separate q/k/v and gate/up ``nn.Linear`` projections, SDPA attention); any other is
+    refused rather than converted in part, unless ``partial`` (generic Mesa's saved-tensor
+    hooks then pack what the layer rules leave).
+    """
+    adapter = architectures.hf_adapter(model)
+    if adapter is not None and not partial:
+        architectures.require(adapter, "mesa", fused=False, conv1d=False, soft_capped=False)
     report = MesaReport()
     plan: list[Conversion] = []
     glu_children: set[str] = set()
@@ -143,20 +154,23 @@ _MIXINS = {"linear": layers.MesaLinearMixin, "norm": layers.MesaRecomputeMixin,
 
 def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                kinds: Sequence[str] = KINDS, groups: int = 256, decay: float = 0.9,
-               stochastic: bool = True, attention_groups: str = "head_channel") -> MesaReport:
+               stochastic: bool = True, attention_groups: str = "head_channel",
+               partial: bool = False) -> MesaReport:
     """Convert ``model`` in place so that the covered layers save 8-bit activations.
 
     ``include``/``exclude``: fnmatch patterns on module names (``"*lm_head"``,
     ``"model.layers.0.*"``). ``groups``: ranges per non-attention tensor, n contiguous
     channel groups (one per channel up to width n), 0 for one per channel. ``attention_groups``: one range per head and
-    channel (``head_channel``) or per head (``head``) for q, k and v. Warns ``NoEffectWarning``
-    when nothing changes.
+    channel (``head_channel``) or per head (``head``) for q, k and v. ``partial``: accept an
+    architecture Mesa's layer rules cover only in part (fused or Conv1D projections, soft-capped
+    attention), for use under ``generic_mesa``; otherwise it is refused by name. Warns
+    ``NoEffectWarning`` when nothing changes.
     """
     if bits != 8:
         raise ValueError(f"bits={bits}: only 8-bit storage is implemented")
     if attention_groups not in ATTENTION_GROUPS:
         raise ValueError(f"attention_groups={attention_groups!r}: choose from {', '.join(ATTENTION_GROUPS)}")
-    plan, report = plan_mesa(model, include, exclude, kinds, groups, attention_groups)
+    plan, report = plan_mesa(model, include, exclude, kinds, groups, attention_groups, partial)
     if plan:  # the rounding stream follows the caller's seed (torch.manual_seed before conversion)
         rounding.reseed(int(torch.randint(0, 2**62, (1,)).item()))
     modules = dict(model.named_modules())

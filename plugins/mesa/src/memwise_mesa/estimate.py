@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from memwise import architectures
 from memwise.memory import MemoryDelta
 from memwise_mesa.convert import Conversion
 from memwise_mesa.layers import fuses_down_proj
@@ -28,10 +29,20 @@ def quantizer_bytes(plan: Sequence[Conversion], groups: int) -> int:
     return sum(2 * 4 * (spec.groups or groups) + QUANTIZER_FIXED_BYTES for c in plan for spec in c.quantizers)
 
 
+def _qk_norm_heads(model: nn.Module) -> dict[str, int]:
+    """Per-head norms of q and k (Qwen3's q_norm, k_norm) normalize one head_dim slice per head: how many."""
+    adapter = architectures.hf_adapter(model)
+    if adapter is None or not adapter.qk_norms:
+        return {}
+    geo = adapter.geometry(architectures.hf_root(model).config)
+    return dict(zip(adapter.qk_norms, (geo.heads, geo.kv_heads)))
+
+
 def activation_delta(model: nn.Module, plan: Sequence[Conversion], tokens: int, act_bytes: int,
                      mixed: bool) -> int:
     """Signed change of saved-activation bytes for ``tokens`` tokens per step."""
     modules = dict(model.named_modules())
+    norm_heads = _qk_norm_heads(model)
     residual = 4 if mixed else act_bytes
     delta = 0
     seen_inputs: set[tuple[str, int]] = set()
@@ -45,7 +56,7 @@ def activation_delta(model: nn.Module, plan: Sequence[Conversion], tokens: int, 
             base = 2 * m.in_features if mixed else (act_bytes * m.in_features if first else 0)
             delta += tokens * ((m.in_features if first else 0) - base)
         elif conv.kind == "norm":
-            width = int(m.weight.shape[-1])
+            width = int(m.weight.shape[-1]) * norm_heads.get(conv.name.rpartition(".")[2], 1)
             base = 4 + residual if type(m).__name__.endswith("RMSNorm") else residual
             delta += tokens * width * (1 - base)
         elif conv.kind == "glu":

@@ -22,7 +22,7 @@ _CASTS = ("ToCopyBackward0", "_ToCopyBackward0")
 
 
 def _skip(t: torch.Tensor, min_numel: int) -> bool:
-    if not t.is_floating_point() or t.numel() < min_numel or isinstance(t, nn.Parameter):
+    if not t.is_floating_point() or t.dim() == 0 or t.numel() < min_numel or isinstance(t, nn.Parameter):
         return True
     return t.grad_fn is not None and type(t.grad_fn).__name__ in _CASTS and t.grad_fn.next_functions and \
         type(t.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import memwise
+from memwise.architectures import UnsupportedArchitecture
 from memwise import MemoryDelta, Problem, RecipeError, option
 from memwise_mesa.convert import ATTENTION_GROUPS, KINDS
 
@@ -71,13 +72,17 @@ class MesaPlugin(memwise.Plugin):
         from memwise_mesa.convert import plan_mesa
 
         c = self.config
-        return plan_mesa(model, c.include, c.exclude, c.layers, c.groups, c.attention_groups)
+        return plan_mesa(model, c.include, c.exclude, c.layers, c.groups, c.attention_groups, partial=c.generic)
 
     @memwise.hookimpl
     def memwise_validate(self, ctx: Any) -> list:
         if ctx.model is None:
             return []
-        plan, report = self._plan(ctx.model)
+        try:
+            plan, report = self._plan(ctx.model)
+        except UnsupportedArchitecture as err:
+            return [Problem("mesa", f"{err}; or set generic: true (saved-tensor hooks pack what the layer rules "
+                                    "leave)")]
         if not plan and not report.already and not self.config.generic:
             return [Problem("mesa.include", f"include {self.config.include} / exclude {self.config.exclude} / "
                                             f"layers {self.config.layers} select no convertible module; widen "
@@ -103,7 +108,7 @@ class MesaPlugin(memwise.Plugin):
         for conv in plan:
             ctx.claims.claim(conv.name, self)
         report = apply_mesa(ctx.model, c.bits, c.include, c.exclude, c.layers, c.groups, c.decay, c.stochastic,
-                            c.attention_groups)
+                            c.attention_groups, partial=c.generic)
         ctx.shared["mesa"] = {"converted": report.counts()}
 
     @memwise.hookimpl
