@@ -12,7 +12,7 @@ from memwise import recipe
 from memwise.data.tokens import IGNORE_INDEX, ByteTokenizer
 from memwise.errors import RecipeError
 from memwise.runner import Run
-from memwise.testing import require_real_model
+from memwise.testing import require_real_gguf, require_real_model
 
 
 def save_tiny(folder, layers=2, vocab=260):
@@ -83,6 +83,30 @@ def test_real_model_logits_equal_transformers_from_pretrained():
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, theirs(ids).logits)
     assert run.ctx.tokenizer.vocab_size == 49152 and run.ctx.tokenizer.has_chat_template
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_as_the_same_model_and_saves_as_safetensors(tmp_path):
+    folder, name = require_real_gguf()
+    run = Run(recipe.load("finetune/smollm2-sft", [f"model.path={folder}", f"model.gguf_file={name}"],
+                          stage="generate"), "generate")
+    run.build()
+    model = run.ctx.model.eval()
+    assert run.ctx.tokenizer.has_chat_template and run.ctx.tokenizer.vocab_size == 49152
+    reference = Run(recipe.load("finetune/smollm2-sft", [f"model.path={require_real_model()}"], stage="generate"),
+                    "generate")
+    reference.build()
+    ids = torch.tensor([run.ctx.tokenizer.encode("import os\n").tolist()])
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert torch.equal(logits, reference.ctx.model.eval()(ids).logits)
+    model.save_pretrained(tmp_path / "saved")  # report.save_model: a plain float folder
+    again = Run(recipe.load("finetune/smollm2-sft", [f"model.path={tmp_path / 'saved'}",
+                                                     f"tokenizer.path={require_real_model()}"], stage="generate"),
+                "generate")
+    again.build()
+    with torch.no_grad():
+        assert torch.equal(again.ctx.model.eval()(ids).logits, logits)
 
 
 # --- the tokenizer -------------------------------------------------------------------------
