@@ -7,7 +7,7 @@ STAMP := $(VENV)/.memwise-installed
 
 MODEL := .cache/models/SmolLM2-135M-Instruct/memwise-source.json
 
-.PHONY: setup model run test bench clean
+.PHONY: setup model run sft sft-all test bench clean
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ model: $(MODEL)
 
 run: setup
 	$(BIN)/memwise run recipes/quickstart.yaml
+
+# chat fine-tuning of SmolLM2-135M-Instruct on the standard-library instruction set
+sft: setup model
+	$(BIN)/memwise run recipes/finetune/smollm2-sft.yaml
+
+# the same fine-tuning with each technique (the SmolLM2 figures in docs/benchmarks.md)
+sft-all: sft
+	for v in checkpointing mesa coat coat-mesa; do $(BIN)/memwise run recipes/finetune/smollm2-sft-$$v.yaml || exit 1; done
 
 test: setup model
 	$(BIN)/python -m pytest -q

@@ -305,6 +305,18 @@ def _stop_on_signals(run: Any) -> Any:
             signal.signal(s, h)
 
 
+def prompt_ids(tok: Any, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
+    """A prompt's token ids: a user turn in the chat template for chat models, else BOS + text."""
+    if chat is None:
+        chat = getattr(tok, "has_chat_template", False)
+    if chat:
+        from memwise.data.chat import render
+
+        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tok.encode(render(tok, turns, add_generation_prompt=True)).tolist()
+    return [tok.bos_id, *tok.encode(prompt).tolist()]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -329,7 +341,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ctx.model.eval()
     tok = ctx.tokenizer
     for prompt in args.prompt:
-        ids = torch.tensor([[tok.bos_id, *tok.encode(prompt).tolist()]])
+        ids = torch.tensor([prompt_ids(tok, prompt, gen.chat, gen.system_prompt)])
         ctx.generate_kwargs = {}
         run.host.hook.memwise_wrap_generation(ctx=ctx)
         try:

@@ -21,8 +21,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class ModelConfig:
     builder: str = option("llama", "model builder (registered): llama, mistral, qwen2, qwen3, gemma2, phi3, gpt2")
-    config: dict = option({}, "HF config fields of the builder's config class (LlamaConfig for llama), e.g. hidden_size")
-    path: Optional[str] = option(None, "local folder of a pretrained model (config.json + safetensors)")
+    config: dict = option({}, "HF config fields of the builder's config class (LlamaConfig for llama) of a model "
+                          "built from a config, e.g. hidden_size; with model.path only runtime fields (use_cache, "
+                          "attention_dropout, token ids)")
+    path: Optional[str] = option(None, "local folder of a pretrained model (config.json + safetensors, or a GGUF "
+                                 "file named in gguf_file)")
+    gguf_file: Optional[str] = option(None, "GGUF file inside model.path to load (dequantized to dtype; needs "
+                                      "the gguf package: pip install memwise[gguf])")
+    override_config: bool = option(False, "with model.path, let model.config change architecture fields of "
+                                   "the loaded config (weights that no longer fit are an error)")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "parameter dtype")
     attn_implementation: Literal["sdpa", "eager"] = option("sdpa", "attention kernel (baselines use sdpa)")
 
@@ -45,7 +52,46 @@ def check_model(cfg: ModelConfig, path: str = "model") -> list[Problem]:
             problems.append(Problem(f"{path}.config.{key}", f"not a field of the '{cfg.builder}' builder's config"
                                     + suggest(key, known)))
     if cfg.path is not None:
-        problems += check_folder(cfg.path, f"{path}.path")
+        problems += check_loaded_config(cfg, path)
+        problems += check_gguf(cfg.path, cfg.gguf_file, f"{path}.gguf_file") if cfg.gguf_file \
+            else check_folder(cfg.path, f"{path}.path")
+    elif cfg.gguf_file is not None:
+        problems.append(Problem(f"{path}.gguf_file", "names a file inside model.path; set model.path to its folder"))
+    return problems
+
+
+RUNTIME_FIELDS = frozenset({"use_cache", "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id",
+                            "output_attentions", "output_hidden_states"})
+"""Config fields a loaded model may take from the recipe: they change no weight and no architecture."""
+
+
+def check_loaded_config(cfg: ModelConfig, path: str = "model") -> list[Problem]:
+    """With model.path the folder's config.json is the architecture; model.config may not change it.
+
+    A recipe that extends a pre-training workload (recipes/base/*.yaml) carries that
+    workload's model.config; loading a pretrained model under it would silently cut or
+    reshape the model, so each such field is an error unless override_config is set.
+    """
+    if cfg.override_config:
+        return []
+    return [Problem(f"{path}.config.{key}", f"changes the architecture of the pretrained model in '{cfg.path}' "
+                    "(its config.json decides it). Remove it (an override model.config={} clears the section, "
+                    "e.g. one inherited from a pre-training recipe), use a recipes/finetune/ recipe, or set "
+                    "model.override_config=true to change the loaded config on purpose")
+            for key in cfg.config if key not in RUNTIME_FIELDS]
+
+
+def check_gguf(folder: str, name: str, key: str) -> list[Problem]:
+    """A GGUF file must exist in the folder, and the gguf package must be installed to read it."""
+    import importlib.util
+
+    problems = []
+    if not (Path(folder) / name).is_file():
+        found = sorted(p.name for p in Path(folder).glob("*.gguf")) if Path(folder).is_dir() else []
+        problems.append(Problem(key, f"no file '{name}' in '{folder}'"
+                                + (f"; GGUF files there: {', '.join(found)}" if found else "")))
+    if importlib.util.find_spec("gguf") is None:
+        problems.append(Problem(key, "loading a GGUF file needs the gguf package: pip install 'memwise[gguf]'"))
     return problems
 
 
@@ -72,15 +118,36 @@ def _unknown(kind: str, name: str, registry: dict) -> str:
     return f"unknown {kind} '{name}'{suggest(name, registry)}; known: {', '.join(registry)}"
 
 
+def load_pretrained(cls: type, cfg: ModelConfig) -> torch.nn.Module:
+    """``cls.from_pretrained`` on the recipe's folder (or GGUF file), the model exactly as saved.
+
+    model.config reaches the loaded model only through the config passed to from_pretrained
+    (runtime fields, or any field with override_config), so the model's own config stays
+    the one that describes its weights and a saved model reloads with it.
+    """
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "dtype": DTYPES[cfg.dtype],
+                              "attn_implementation": cfg.attn_implementation}
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    if cfg.config:
+        config = cls.config_class.from_pretrained(cfg.path, local_files_only=True,
+                                                  **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}))
+        for key, value in cfg.config.items():
+            setattr(config, key, value)
+        kwargs["config"] = config
+    model = cls.from_pretrained(cfg.path, **kwargs)
+    if cfg.gguf_file:  # dequantized: a plain float model from here on, saved as safetensors
+        model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+        model.is_quantized = False
+    return model.train()  # from_pretrained returns eval mode; memwise trains it
+
+
 def _llama(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if cfg.path is not None:
-        model = LlamaForCausalLM.from_pretrained(cfg.path, local_files_only=True, trust_remote_code=False,
-                                                 dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation)
-        for key, value in cfg.config.items():
-            setattr(model.config, key, value)
-        return model.train()  # from_pretrained returns eval mode; memwise trains it
+        return load_pretrained(LlamaForCausalLM, cfg)
     fields = {"vocab_size": vocab_size, "pad_token_id": None, **cfg.config}
     config = LlamaConfig(**fields)
     config._attn_implementation = cfg.attn_implementation

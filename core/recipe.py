@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memwise import manager, plan
 from memwise.data.datasets import DATASETS, DataConfig
+from memwise.data.tokens import TokenizerConfig, check_tokenizer
 from memwise.errors import MemwiseError, Problem, RecipeError
 from memwise.models import ModelConfig, check_model
 from memwise.optim import OptimizerConfig, SchedulerConfig
@@ -72,6 +73,9 @@ class GenerateConfig:
     temperature: float = option(1.0, "sampling temperature", gt=0)
     top_k: Optional[int] = option(None, "sample among the k most likely tokens", ge=1)
     checkpoint: Optional[str] = option(None, "memwise checkpoint whose weights to generate with")
+    chat: Optional[bool] = option(None, "wrap each prompt as a user turn in the tokenizer's chat template "
+                                  "(default: when the tokenizer has one)")
+    system_prompt: Optional[str] = option(None, "system turn before each chat prompt (default: the template's)")
 
 
 @dataclass(kw_only=True)
@@ -80,6 +84,7 @@ class RecipeConfig:
     name: str = option("run", "run name (report folder, checkpoints)")
     seed: int = option(0, "global seed (model init, data order)", ge=0, lt=2 ** 32)
     model: ModelConfig = option(ModelConfig(), "the model")
+    tokenizer: TokenizerConfig = option(TokenizerConfig(), "the tokenizer of the data, the model and generate")
     data: dict = option({}, "the dataset (see data builders)")
     trainer: TrainerConfig = option(TrainerConfig(), "Lightning trainer settings")
     optimizer: OptimizerConfig = option(OptimizerConfig(), "the base optimizer")
@@ -276,7 +281,9 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> list[Problem]:
                 continue
             parts[1] = str(uses.index(parts[1]))
         try:
-            OmegaConf.update(cfg, ".".join(parts), value, merge=True, force_add=True)
+            # a mapping merges into the section; an empty one ({}) clears it (e.g. an inherited model.config)
+            merge = not (isinstance(value, dict) and not value)
+            OmegaConf.update(cfg, ".".join(parts), value, merge=merge, force_add=True)
         except (OmegaConfBaseException, IndexError, KeyError, ValueError, TypeError) as err:
             problems.append(Problem(key, f"cannot set this key: {err}"))
     return problems
@@ -366,6 +373,10 @@ def validate(raw: dict, stage: str, source: str = "") -> Recipe:
     if not isinstance(data_raw, dict):
         problems.append(Problem("data", "expected a mapping"))
     else:
+        if "tokenizer" in data_raw:
+            problems.append(Problem("data.tokenizer", "the tokenizer is set once for the recipe: move it to "
+                                    f"tokenizer.path (top level), e.g. tokenizer: {{path: {data_raw['tokenizer']}}}"))
+            data_raw = {k: v for k, v in data_raw.items() if k != "tokenizer"}
         builder = data_raw.get("builder", "pystdlib")
         if builder not in DATASETS:
             hint = ("'" + str(builder) + "' looks like an import path; recipes name a registered dataset"
@@ -384,6 +395,7 @@ def validate(raw: dict, stage: str, source: str = "") -> Recipe:
     if not problems:
         entries = [e for e in plugin_list if isinstance(e, dict)]  # the others are reported below
         config = build(RecipeConfig, {**top, "data": data_raw, "plugins": entries})
+        problems += check_tokenizer(config.tokenizer, config.model.path, config.model.gguf_file)
     plugins: list[Plugin] = []
     for i, cls, settings in _plugin_entries(plugin_list, problems):
         sub = check(cls.Config, settings, f"plugins.{i}.with")

@@ -13,7 +13,7 @@ import torch
 from memwise import memory
 from memwise.context import RunContext, Workload
 from memwise.data.datasets import build_corpus
-from memwise.data.tokens import IGNORE_INDEX
+from memwise.data.tokens import IGNORE_INDEX, build_tokenizer
 from memwise.data.windows import WindowDataset, collate
 from memwise.errors import Problem, RecipeError
 from memwise.manager import PluginHost, module_signature
@@ -26,6 +26,23 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Mean next-token loss over target positions (no attention mask: padding sits at the end
     of each window, and causal attention never lets a real token see it)."""
     return model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+
+
+def check_vocabulary(corpus: Any, model: torch.nn.Module, tokenizer: Any) -> list[Problem]:
+    """Every token id of the data must be a row of the model's embedding (else indexing garbage or a crash)."""
+    rows = model.get_input_embeddings().num_embeddings
+    problems = []
+    if tokenizer.vocab_size > rows:
+        problems.append(Problem("tokenizer", f"the tokenizer has {tokenizer.vocab_size:,} ids but the model's "
+                                f"embedding only {rows:,}: use the model's own tokenizer (tokenizer.kind: auto)"))
+    if corpus is not None:
+        docs = [d for d in (*corpus.train, *corpus.val) if len(d)]
+        top = max((int(d.max()) for d in docs), default=-1)
+        if top >= rows:
+            problems.append(Problem("data", f"token id {top:,} in the data is outside the model's vocabulary "
+                                    f"({rows:,} ids): the data was tokenized for another model; set the "
+                                    "recipe's tokenizer to the model's own"))
+    return problems
 
 
 def target_count(batch: dict) -> int:
@@ -63,10 +80,12 @@ class Run:
             torch.set_num_threads(self.cfg.trainer.num_threads)
         pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
         ctx = self.ctx
-        ctx.corpus = build_corpus(self.recipe.data)
-        ctx.tokenizer = ctx.corpus.tokenizer
-        ctx.model = build_model(self.cfg.model, ctx.tokenizer.vocab_size)
-        problems: list[Problem] = []
+        model_cfg = self.cfg.model
+        ctx.tokenizer = build_tokenizer(self.cfg.tokenizer, model_cfg.path, model_cfg.gguf_file)
+        if ctx.stage != "generate":  # generation needs the tokenizer, never the corpus
+            ctx.corpus = build_corpus(self.recipe.data, ctx.tokenizer)
+        ctx.model = build_model(model_cfg, ctx.tokenizer.vocab_size)
+        problems: list[Problem] = check_vocabulary(ctx.corpus, ctx.model, ctx.tokenizer)
         for plugin, found in self.host.each("memwise_validate", ctx=ctx):
             for p in found or []:
                 problems.append(p if p.key else Problem(f"plugin '{plugin.name}'", p.message))
@@ -99,7 +118,7 @@ class Run:
 
         corpus, data = self.ctx.corpus, self.recipe.data
         if data.packing == "concat_chunk":
-            return ConcatChunkDataset(corpus.train, data.seq_len)
+            return ConcatChunkDataset(corpus.train, data.seq_len, corpus.train_targets)
         return WindowDataset(corpus.train, data.seq_len, corpus.tokenizer.pad_id, corpus.train_targets)
 
     def val_batches(self) -> list[dict]:

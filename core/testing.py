@@ -110,3 +110,14 @@ def require_real_model() -> Path:
     if folder is None:
         pytest.skip(f"{REAL_MODEL} not fetched: run `make model` (tools/models/smollm2.py) first")
     return folder
+
+
+def require_real_gguf() -> tuple[Path, str]:
+    """(folder, file name) of the real model's GGUF (kept by ``make model``), or skip the calling test."""
+    import pytest
+
+    folder = require_real_model().parent / f"{REAL_MODEL}-GGUF"
+    name = f"{REAL_MODEL}.Q4_1.gguf"
+    if not (folder / name).is_file():
+        pytest.skip(f"{folder / name} absent: fetch again with `python tools/models/smollm2.py --force`")
+    return folder, name

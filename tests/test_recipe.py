@@ -59,8 +59,10 @@ def test_text_files_with_a_local_tokenizer_folder(tmp_path):
                             unk_token="[UNK]").save_pretrained(tmp_path / "tok")
     for i in range(30):
         (tmp_path / f"f{i}.h").write_text("int main ( void )\n")
-    corpus = build_corpus(TextFilesConfig(builder="text_files", paths=[str(tmp_path / "*.h")],
-                                          tokenizer=str(tmp_path / "tok"), val_percent=20))
+    from memwise.data.tokens import HFTokenizer
+
+    corpus = build_corpus(TextFilesConfig(builder="text_files", paths=[str(tmp_path / "*.h")], val_percent=20),
+                          HFTokenizer(str(tmp_path / "tok")))
     doc = corpus.train[0]
     assert doc.tolist() == [1, 3, 4, 5, 7, 6, 2] and corpus.tokenizer.vocab_size == 8
     with pytest.raises(FileNotFoundError, match="matched no readable"):

@@ -33,7 +33,7 @@ def test_run_writes_the_report(cli, micro, tmp_path):
     from memwise import recipe
     from memwise.runner import Run
 
-    run = Run(recipe.load(micro, [f"model.path={tmp_path / 'model'}"]), "fit")
+    run = Run(recipe.load(micro, [f"model.path={tmp_path / 'model'}", "model.config={}"]), "fit")
     run.build()
     assert run.ctx.model.training
     for name, value in run.ctx.model.state_dict().items():

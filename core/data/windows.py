@@ -54,8 +54,9 @@ class ConcatChunkDataset(torch.utils.data.Dataset):
     to compare against, and the run report says so.
     """
 
-    def __init__(self, docs: list[np.ndarray], seq_len: int) -> None:
+    def __init__(self, docs: list[np.ndarray], seq_len: int, targets: list[np.ndarray] | None = None) -> None:
         self.stream = np.concatenate(docs).astype(np.int64) if docs else np.zeros(0, dtype=np.int64)
+        self.mask = np.concatenate(targets) if targets else None
         self.seq_len = seq_len
         self.n = max((len(self.stream) - 1) // (seq_len - 1), 0)
 
@@ -67,6 +68,8 @@ class ConcatChunkDataset(torch.utils.data.Dataset):
         ids = torch.from_numpy(self.stream[start:start + self.seq_len].copy())
         labels = ids.clone()
         labels[0] = IGNORE_INDEX
+        if self.mask is not None:  # chat data: the answers only
+            labels[~torch.from_numpy(self.mask[start:start + self.seq_len])] = IGNORE_INDEX
         return {"input_ids": ids, "labels": labels}
 
 

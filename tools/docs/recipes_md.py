@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from memwise.data.datasets import DATASETS
+from memwise.data.tokens import TokenizerConfig
 from memwise.models import ModelConfig
 from memwise.optim import OptimizerConfig, SchedulerConfig
 from memwise.recipe import GenerateConfig, RecipeConfig, ReportConfig, TrainerConfig
@@ -32,9 +33,10 @@ def render() -> str:
              "through registries; a dotted import path is refused.", "",
              "```yaml", "extends: [base/tiny.yaml]", "name: quickstart",
              "plugins:", "  - use: checkpointing", "    with: {layers: all}", "```", ""]
-    lines += table("top level", RecipeConfig, skip=("model", "data", "trainer", "optimizer", "scheduler",
-                                                     "report", "generate"))
+    lines += table("top level", RecipeConfig, skip=("model", "tokenizer", "data", "trainer", "optimizer",
+                                                     "scheduler", "report", "generate"))
     lines += table("model", ModelConfig)
+    lines += table("tokenizer", TokenizerConfig)
     for name, (cls, _) in DATASETS.items():
         lines += table(f"data (builder: {name})", cls)
     lines += table("trainer", TrainerConfig)

@@ -73,6 +73,10 @@ def fetch(out: Path = DEFAULT_DIR, force: bool = False) -> Path:
         gguf = download_gguf(tmp_path / "download")
         staging = tmp_path / NAME
         convert(gguf, staging)
+        # the GGUF itself too, for the tests of model.gguf_file
+        gguf_dir = out.parent / f"{NAME}-GGUF"
+        gguf_dir.mkdir(exist_ok=True)
+        shutil.copyfile(gguf, gguf_dir / GGUF)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
