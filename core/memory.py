@@ -252,19 +252,31 @@ def llama_layer_activation_bytes(config: Any, batch: int, seq: int, precision: s
     return batch * seq * per_token
 
 
+def logits_activation_bytes(config: Any, batch: int, seq: int, precision: str = "32-true") -> int:
+    """Bytes the LM head and HF's cross-entropy keep from forward to backward: the fp32
+    log-softmax the loss saves, whatever the precision (HF upcasts the logits; the logits
+    themselves are dropped with the model output when the caller keeps only the loss).
+    For a real vocabulary (49,152 on SmolLM2) this is the largest activation of a small
+    model; in backward its gradient and the logits' gradient add two more of the same size
+    as temporaries. Checked against MemTracker at vocabulary 32,768 (plugins/chunked_ce tests)."""
+    return batch * seq * 4 * config.vocab_size
+
+
 def llama_activation_bytes(config: Any, batch: int, seq: int, precision: str = "32-true",
                            layers: int | None = None) -> int:
     """Saved-for-backward bytes of the whole model: embeddings, layers, final norm, head, loss."""
     n = config.num_hidden_layers if layers is None else layers
-    h, vocab = config.hidden_size, config.vocab_size
+    h = config.hidden_size
+    head = 0
     if precision in ("bf16-mixed", "16-mixed"):
-        # fp32 embedding output and final norm; bf16 head input and logits; fp32 copy + log-softmax
-        outside = 4 * 2 * h + 2 * h + 2 * vocab + 4 * vocab + 4 * vocab
+        outside = 4 * 2 * h + 2 * h  # fp32 embedding output and final norm; bf16 head input
+        head = 2 * config.vocab_size * h  # autocast's bf16 copy of the head weight, saved for its backward
     elif precision in ("bf16-true", "16-true"):
-        outside = 2 * 3 * h + 2 * vocab + 4 * vocab + 4 * vocab
+        outside = 2 * 3 * h
     else:
-        outside = 4 * 3 * h + 4 * vocab + 4 * vocab
-    return n * llama_layer_activation_bytes(config, batch, seq, precision) + batch * seq * (outside + 4)
+        outside = 4 * 3 * h
+    return (n * llama_layer_activation_bytes(config, batch, seq, precision) + batch * seq * (outside + 4) + head
+            + logits_activation_bytes(config, batch, seq, precision))
 
 
 def predict_baseline(model: torch.nn.Module, optimizer_state_bytes: int, batch: int, seq: int,
