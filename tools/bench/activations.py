@@ -12,6 +12,7 @@ interleaved runs (A B A B ...), as ratios to the baseline of the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -53,7 +54,11 @@ def main() -> None:
             report, step = probe_and_step("small", [f"model.config.vocab_size={vocab}", *VARIANTS[name]])
             head = report.headline()
             head["host"] -= start
-            reports[name], steps[name] = (report, head), step
+            reports[name] = (report, head)
+            if args.time:
+                steps[name] = step
+            del step  # without --time, keep no model alive between variants
+            gc.collect()
             print(f"{vocab} {name}: peak {report.peak_total} {head}", flush=True, file=sys.stderr)
         print(f"### small, vocabulary {vocab}: measured memory (MiB; ratio to baseline)\n")
         print(memory_table([(n, h) for n, (_, h) in reports.items()], names[0]))
