@@ -1,8 +1,11 @@
 """Memory by category: predicted (``explain``) and measured (a probe step with MemTracker).
 
 Categories: parameters (with buffers), gradients, optimizer state, activations (saved for
-backward), KV cache, temporaries. Measured on CPU exactly with MemTracker on one plain
-PyTorch step outside Lightning's closure; on CUDA also the allocator's statistics.
+backward), KV cache, temporaries, and host: bytes a plugin keeps in host memory on the
+device's behalf (offloaded activations), which are not device memory and not in the total.
+Measured on CPU exactly with MemTracker on one plain PyTorch step outside Lightning's
+closure; on CUDA also the allocator's statistics; host from the ``HOST`` ledger that
+offloading plugins keep.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 
 import torch
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "kv_cache", "temporaries")
+DEVICE_CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "kv_cache", "temporaries")
+CATEGORIES = (*DEVICE_CATEGORIES, "host")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class ByCategory:
     activations: int = 0
     kv_cache: int = 0
     temporaries: int = 0
+    host: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {c: int(getattr(self, c)) for c in CATEGORIES}
@@ -51,7 +56,32 @@ class MemoryEstimate(ByCategory):
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, c) for c in CATEGORIES)
+        """Device bytes (host memory is not counted)."""
+        return sum(getattr(self, c) for c in DEVICE_CATEGORIES)
+
+
+class HostLedger:
+    """Host bytes held for the device (offload buffers): plugins ``add``/``release`` as they
+    allocate and free; a measured step reports the peak since ``reset_peak``. MemTracker
+    cannot tell these from device memory on CPU, so they are allocated outside its view."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def release(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+
+HOST = HostLedger()
+"""The process's host ledger (one per process, as the host memory is)."""
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -158,6 +188,9 @@ def _tracker() -> Any:
 class MemoryReport:
     """Measured bytes: at the total peak, each category's own maximum, after forward, after the step.
 
+    ``host`` is the host ledger's peak during the step in ``at_peak`` and ``category_max``
+    (not necessarily at the device's peak moment), and its current value elsewhere.
+
     ``after_forward`` activations are what the forward pass saved for backward (plus the
     loss); ``category_max`` activations also include short-lived forward temporaries.
     """
@@ -180,6 +213,7 @@ class MemoryReport:
         out["activations"] = self.after_forward.get("activations", 0)
         out["temporaries"] = self.category_max.get("temporaries", 0)
         out["kv_cache"] = self.category_max.get("kv_cache", 0)
+        out["host"] = self.category_max.get("host", 0)
         return out
 
 
@@ -196,6 +230,7 @@ def measure_step(
     backward (the plugins' step contexts, autocast). Gradients are cleared first and after.
     """
     optimizer.zero_grad(set_to_none=True)
+    HOST.reset_peak()
     mt = _tracker()
     mt.track_external(model, optimizer, *external)
     device = next(model.parameters()).device
@@ -203,6 +238,7 @@ def measure_step(
         with context():
             loss = loss_fn()
             forward = mt.get_tracker_snapshot("current")
+            host_forward = HOST.current
             loss.backward()
         del loss
         optimizer.step()
@@ -218,6 +254,9 @@ def measure_step(
         peak_total=int(peak.get(dev, {}).get("Total", 0)),
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
+    report.after_forward["host"] = host_forward
+    report.at_peak["host"] = report.category_max["host"] = HOST.peak
+    report.after_step["host"] = HOST.current
     if device.type == "cuda":
         stats = torch.cuda.memory_stats(device)
         report.cuda = {"max_allocated": int(torch.cuda.max_memory_allocated(device)),
@@ -243,6 +282,16 @@ def llama_layer_activation_bytes(config: Any, batch: int, seq: int, precision: s
     return adapter.layer_bytes(adapter, adapter.geometry(config), config, batch, seq, precision)
 
 
+def logits_activation_bytes(config: Any, batch: int, seq: int, precision: str = "32-true") -> int:
+    """Bytes the LM head and HF's cross-entropy keep from forward to backward: the fp32
+    log-softmax the loss saves, whatever the precision (HF upcasts the logits; the logits
+    themselves are dropped with the model output when the caller keeps only the loss).
+    For a real vocabulary (49,152 on SmolLM2) this is the largest activation of a small
+    model; in backward its gradient and the logits' gradient add two more of the same size
+    as temporaries. Checked against MemTracker at vocabulary 32,768 (plugins/chunked_ce tests)."""
+    return batch * seq * 4 * config.vocab_size
+
+
 def llama_activation_bytes(config: Any, batch: int, seq: int, precision: str = "32-true",
                            layers: int | None = None) -> int:
     """Saved-for-backward bytes of the whole model: embeddings, layers, final norm, head, loss."""
@@ -251,16 +300,18 @@ def llama_activation_bytes(config: Any, batch: int, seq: int, precision: str = "
     adapter = _adapter(config)
     geo = adapter.geometry(config)
     n = geo.layers if layers is None else layers
-    h, vocab = geo.hidden, geo.vocab
+    h = geo.hidden
+    head = 0
     if precision in ("bf16-mixed", "16-mixed"):
-        # fp32 embedding output and final norm; bf16 head input and logits; fp32 copy + log-softmax
-        outside = 4 * 2 * h + 2 * h + 2 * vocab + 4 * vocab + 4 * vocab
+        outside = 4 * 2 * h + 2 * h  # fp32 embedding output and final norm; bf16 head input
+        head = 2 * config.vocab_size * h  # autocast's bf16 copy of the head weight, saved for its backward
     elif precision in ("bf16-true", "16-true"):
-        outside = 2 * 3 * h + 2 * vocab + 4 * vocab + 4 * vocab
-    else:  # final norm (input, normalized, head input) and the log-softmax output (measured: no logits copy)
-        outside = 4 * 3 * h + 4 * vocab
-    return (n * llama_layer_activation_bytes(config, batch, seq, precision) + batch * seq * (outside + 4)
-            + outside_bytes(adapter, geo, config, batch, seq, precision))
+        outside = 2 * 3 * h
+    else:
+        outside = 4 * 3 * h
+    return (n * llama_layer_activation_bytes(config, batch, seq, precision) + batch * seq * (outside + 4) + head
+            + logits_activation_bytes(config, batch, seq, precision) + outside_bytes(adapter, geo, config, batch, seq,
+                                                                                     precision))
 
 
 def predict_baseline(model: torch.nn.Module, optimizer_state_bytes: int, batch: int, seq: int,

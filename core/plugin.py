@@ -17,7 +17,8 @@ hookimpl = pluggy.HookimplMarker("memwise")
 
 STAGES = ("fit", "generate")
 PHASES = ("data", "prune", "adapt", "replace", "wrap", "optimizer", "runtime")
-CAPABILITIES = ("activation.storage", "optimizer.states", "kv.cache", "data.batching", "linear.compute")
+CAPABILITIES = ("activation.storage", "activation.placement", "optimizer.states", "kv.cache", "data.batching",
+                "linear.compute", "loss.head")
 
 
 def _name_errors(fn: Any, hook: str) -> Any:

@@ -8,7 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from memwise.memory import CATEGORIES
+from memwise.memory import CATEGORIES, DEVICE_CATEGORIES
 
 MIB = 2 ** 20
 
@@ -33,8 +33,8 @@ def memory_table(rows: list[tuple[str, dict[str, int]]], baseline: str) -> str:
     for cat in (*CATEGORIES, "total"):
         cells = []
         for _, m in rows:
-            value = m.get(cat, sum(m.get(c, 0) for c in CATEGORIES) if cat == "total" else 0)
-            ref = base.get(cat, sum(base.get(c, 0) for c in CATEGORIES) if cat == "total" else 0)
+            value = m.get(cat, sum(m.get(c, 0) for c in DEVICE_CATEGORIES) if cat == "total" else 0)
+            ref = base.get(cat, sum(base.get(c, 0) for c in DEVICE_CATEGORIES) if cat == "total" else 0)
             ratio = f" ({ref / value:.2f}x)" if value and ref and value != ref else ""
             cells.append(f"{value / MIB:,.2f}{ratio}")
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")

@@ -1,0 +1,102 @@
+"""OffloadPlugin: the memwise plugin around ``apply_offload`` (phase wrap, provides activation.placement)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+import memwise
+from memwise import MemoryDelta, Problem, RecipeError, option
+
+
+class OffloadPlugin(memwise.Plugin):
+    """Saved activations of the chosen decoder layers go to host memory after their forward and
+    come back for their backward; ``fraction`` of the tokens is swapped, the rest recomputed.
+
+    It decides where activations live (``activation.placement``), not how they are stored, so it
+    composes with Mesa (the 8-bit packed tensors are what travels) and with checkpointing on
+    other layers; the same layer checkpointed and offloaded is a validation error.
+    """
+
+    name = "offload"
+    summary = "offload decoder layers' saved activations to host (MEMO: token-wise swap + recompute)"
+    stages = ("fit",)
+    phase = "wrap"
+    distribution = "memwise-offload"
+
+    @dataclasses.dataclass
+    class Config:
+        layers: Union[str, list[int]] = option("all", "'all' or a list of decoder-layer indices to offload")
+        fraction: float = option(1.0, "share of each layer's tokens (whole sequences) swapped to host; the rest "
+                                      "is recomputed in backward (0 = recompute all, 1 = swap all)")
+        prefetch: int = option(1, "layers fetched back ahead of the one running backward")
+
+    def post_init(self) -> None:
+        c, problems = self.config, []
+        if isinstance(c.layers, str) and c.layers != "all":
+            problems.append(Problem("offload.layers", f"must be 'all' or a list of layer indices, got '{c.layers}'"))
+        if not 0.0 <= c.fraction <= 1.0:
+            problems.append(Problem("offload.fraction", f"got {c.fraction}; use a share in [0, 1]"))
+        if c.prefetch < 0:
+            problems.append(Problem("offload.prefetch", f"got {c.prefetch}; use 0 or more layers"))
+        if problems:
+            raise RecipeError(problems)
+
+    def provides(self) -> set[str]:
+        return {"activation.placement"}
+
+    def _indices(self, model: Any) -> set[int]:
+        from memwise_offload.offload import select_layers
+
+        names = [name for name, _ in select_layers(model, self.config.layers)]
+        return {int(name.rsplit(".", 1)[1]) for name in names}
+
+    @memwise.hookimpl
+    def memwise_validate(self, ctx: Any) -> list:
+        if ctx.model is None:
+            return []
+        try:
+            mine = self._indices(ctx.model)
+        except (IndexError, ValueError) as err:
+            return [Problem("offload.layers", str(err))]
+        ckpt = ctx.plugin("checkpointing")
+        if ckpt is not None:
+            from memwise_offload.offload import select_layers
+
+            theirs = {int(n.rsplit(".", 1)[1]) for n, _ in select_layers(ctx.model, ckpt.config.layers)}
+            both = sorted(mine & theirs)
+            if both:
+                return [Problem("offload.layers", f"layers {both} are both checkpointed and offloaded; give each "
+                                                  "layer to one plugin (offload's fraction: 0 recomputes a layer)")]
+        return []
+
+    @memwise.hookimpl
+    def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
+        from memwise.memory import llama_layer_activation_bytes
+
+        w, config = ctx.workload, ctx.model.config
+        n = len(self._indices(ctx.model))
+        rows = w.batch_size
+        share = min(rows, max(0, round(self.config.fraction * rows))) / rows
+        layer = llama_layer_activation_bytes(config, w.batch_size, w.seq_len, w.precision)
+        kept_input = (1 - share) * w.batch_size * w.seq_len * config.hidden_size * 4
+        window = min(n, self.config.prefetch + 1)
+        return MemoryDelta(activations=int(-n * layer + n * kept_input), host=int(n * share * layer),
+                           temporaries=int(window * share * layer + (1 - share) * layer),
+                           note=f"{n} layers: {share:.0%} of tokens swapped to host, the rest recomputed; "
+                                f"{window} layer(s) on the device in backward")
+
+    @memwise.hookimpl
+    def memwise_transform_model(self, ctx: Any) -> None:
+        from memwise_offload.offload import apply_offload
+
+        c = self.config
+        for name in apply_offload(ctx.model, c.layers, c.fraction, c.prefetch):
+            ctx.claims.claim(name, self)
+
+    @memwise.hookimpl
+    def memwise_teardown(self, ctx: Any) -> None:
+        from memwise_offload.offload import remove_offload
+
+        if ctx.model is not None:
+            remove_offload(ctx.model)
