@@ -170,7 +170,8 @@ def _tracker() -> Any:
                 if p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
                     self._param_to_grad_hook_handles[p] = (
                         p.register_hook(on_grad),
-                        p.register_post_accumulate_grad_hook(lambda q: on_grad(q.grad)))
+                        # a step in backward (fused_step) may already have used and freed the gradient
+                        p.register_post_accumulate_grad_hook(lambda q: None if q.grad is None else on_grad(q.grad)))
             return out
 
         def _update_snap(self, *args: Any, **kwargs: Any) -> None:

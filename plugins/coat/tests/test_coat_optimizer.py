@@ -98,16 +98,55 @@ def test_zero_and_constant_groups_round_trip_exactly(expansion, fmt):
     assert torch.equal(dequantize_groups(packed["q"], packed, c), x)
 
 
-def test_zeros_do_not_collapse_expansion_and_k_at_least_one():
+def test_zeros_do_not_collapse_expansion_and_k_follows_the_paper_below_one():
     c = codec()
     x = torch.linspace(1, 4, 128)
     with_zeros = x.clone()
     with_zeros[1:-1:3] = 0  # keeps the extremes 1 and 4
     k = quantize_groups(with_zeros, c)["expand"].item()
     assert k == 8.25
-    wide = torch.logspace(-12, 0, 128)
-    assert quantize_groups(wide, c)["expand"].item() == 1.0
-    assert quantize_groups(wide, codec(min_expansion=0.25))["expand"].item() < 1.0
+    wide = torch.logspace(-12, 0, 128)  # log2 R = 39.86: k = floor(16.61 / 39.86 * 16) / 16 = 6/16
+    assert quantize_groups(wide, c)["expand"].item() == 0.375
+    assert quantize_groups(wide, codec(min_expansion=1.0))["expand"].item() == 1.0
+    huge = torch.tensor([1e-38, 1e38] * 64)  # log2 R = 252.5: the formula gives 1/16, the floor holds it there
+    assert quantize_groups(huge, c)["expand"].item() == 0.0625
+    assert expansion_exponent(torch.tensor([2.0 ** 300]), c.log_range).item() == 0.0625  # formula: 0
+
+
+def _heavy_tailed_states(n: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(n, generator=gen)
+    u = torch.rand(n, generator=gen)
+    return {"squared_gaussian": g.square() * 1e-6,  # a second moment of Gaussian gradients
+            "cauchy": torch.tan(torch.pi * (u - 0.5)) * 1e-3}  # a heavy-tailed first moment
+
+
+@pytest.mark.parametrize("kind", ["squared_gaussian", "cauchy"])
+def test_wide_range_states_follow_the_paper(kind):
+    """Round trip of 64 groups: k < 1 on wide groups keeps every value within 30% (k >= 1: up to hundreds of times off)."""
+    x = _heavy_tailed_states(64 * 128)[kind]
+    packed = quantize_groups(x, codec())
+    worst = ((dequantize_groups(packed["q"], packed, codec()) - x).abs() / x.abs()).max().item()
+    assert (packed["expand"] < 1).any()
+    assert worst < 0.3, worst
+
+
+def test_heavy_tailed_gradients_stay_close_to_fp32_adamw():
+    """10 AdamW steps on Student-t gradients: the largest parameter gap to fp32 AdamW stays below 1e-3
+    (with k floored at 1 it reached 5.0e-3; 1e-3 is one learning-rate step)."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(256, 256, generator=gen) * 0.02
+    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    ref, ours = torch.optim.AdamW([a], lr=1e-3), CoatAdamW([b], lr=1e-3)
+    tail = torch.distributions.StudentT(1.5)
+    torch.manual_seed(5)
+    for _ in range(10):
+        a.grad = torch.randn(256, 256, generator=gen) * tail.sample((256, 256)).abs() * 1e-2
+        b.grad = a.grad.clone()
+        ref.step()
+        ours.step()
+    gap = (a - b).abs().max().item()
+    assert gap < 1e-3, gap
 
 
 def test_small_tensors_and_excluded_parameters_stay_fp32_and_match_adamw():

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from memwise_coat.quantization import MomentCodec, codec
+from memwise_coat.quantization import MIN_EXPANSION, MomentCodec, codec
 from memwise_coat.update import MOMENTS, StepScalars, adamw_update_, fp8_step
 
 # torch.optim.AdamW group options CoatAdamW does not support, with the value it requires.
@@ -27,7 +27,8 @@ class CoatAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, group_size: int = 128, expansion: bool = True,
-                 second_moment_format: str = "e4m3", min_numel: int = 4096, min_expansion: float = 1.0,
+                 second_moment_format: str = "e4m3", min_numel: int = 4096,
+                 min_expansion: float = MIN_EXPANSION,
                  fp32_params: Iterable[torch.Tensor] = ()) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be positive, got {group_size}")

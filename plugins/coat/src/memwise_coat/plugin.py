@@ -27,7 +27,7 @@ class CoatPlugin(memwise.Plugin):
         expansion: bool = option(True, "dynamic range expansion of each group (off: plain per-group FP8)")
         second_moment_format: Literal["e4m3", "e5m2"] = option("e4m3", "FP8 format of the second moment")
         min_numel: int = option(4096, "parameters with fewer elements keep fp32 moments")
-        min_expansion: float = option(1.0, "lower bound of the expansion exponent k")
+        min_expansion: float = option(0.0625, "lower bound of the expansion exponent k (k < 1 compresses wide groups)")
         keep_fp32: list[str] = option(["*embed*", "*norm*"],
                                       "globs on parameter names or module class names whose moments stay fp32")
         fp8_gradients: bool = option(False, "round the output gradients of linear layers to per-tensor E5M2")

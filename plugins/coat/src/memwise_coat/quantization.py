@@ -16,6 +16,11 @@ import torch
 from memwise.kernels.fp8 import FP8Format, fp8_format, round_to_grid
 
 
+MIN_EXPANSION = 1 / 16
+"""Default floor of k: one step of its 1/16 grid. k < 1 compresses a group whose range exceeds
+Q^2/2 (as the paper does); flooring k at 1 instead lets wide second moments lose every small value."""
+
+
 @dataclass(frozen=True)
 class MomentCodec:
     """How one optimizer moment is stored."""
@@ -23,7 +28,7 @@ class MomentCodec:
     fmt: FP8Format
     group_size: int = 128
     expansion: bool = True
-    min_expansion: float = 1.0
+    min_expansion: float = MIN_EXPANSION
 
     @property
     def log_range(self) -> float:
@@ -46,12 +51,14 @@ class MomentCodec:
         return numel + 4 * len(self.metadata_keys()) * self.num_groups(numel)
 
 
-def codec(fmt: str = "e4m3", group_size: int = 128, expansion: bool = True, min_expansion: float = 1.0) -> MomentCodec:
+def codec(fmt: str = "e4m3", group_size: int = 128, expansion: bool = True,
+          min_expansion: float = MIN_EXPANSION) -> MomentCodec:
     return MomentCodec(fp8_format(fmt), group_size, expansion, min_expansion)
 
 
-def expansion_exponent(ratio: torch.Tensor, log_range: float, min_expansion: float = 1.0) -> torch.Tensor:
-    """k = floor(log_range / log2(R) * 16) / 16, at least ``min_expansion``; R == 1 gives 1."""
+def expansion_exponent(ratio: torch.Tensor, log_range: float, min_expansion: float = MIN_EXPANSION) -> torch.Tensor:
+    """k = floor(log_range / log2(R) * 16) / 16, at least ``min_expansion`` (k < 1 for R > 2^log_range);
+    R == 1 gives 1."""
     log_r = torch.log2(ratio)
     k = torch.floor(log_range / log_r * 16.0) / 16.0
     k = torch.where(log_r > 0, k, torch.ones_like(k))
