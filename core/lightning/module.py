@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from memwise.checkpoint import check_manifest, manifest, rng_state, set_rng_state
+from memwise.errors import MemwiseError
 from memwise.runner import causal_lm_loss, target_count
 
 
@@ -26,6 +27,16 @@ class RecipeModule(pl.LightningModule):
         self._pending_rng: dict | None = None
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy: fsdp``, shard the (already transformed) model with FSDP2."""
+        t = self.run.cfg.trainer
+        if t.strategy != "fsdp":
+            return
+        from memwise.sharding import is_sharded, shard_model
+
+        if not is_sharded(self.model):
+            shard_model(self.model, self.device_mesh["data_parallel"], t.precision, t.fsdp)
 
     # --- optimization ---------------------------------------------------------------------
 
@@ -105,6 +116,9 @@ class RecipeModule(pl.LightningModule):
         states = {p.name: s for p, s in run.host.each("memwise_state_dict", ctx=run.ctx) if s is not None}
         checkpoint["memwise"] = {
             "manifest": manifest(run.recipe.plugins, run.recipe.resolved),
+            "world_size": int(self.trainer.world_size),
+            "strategy": run.cfg.trainer.strategy,
+            "model_config": self.model.config.to_dict() if hasattr(self.model, "config") else {},
             "plugins": states,
             "rng": rng_state(),
             "history": [dict(r) for r in self.history],
@@ -117,6 +131,10 @@ class RecipeModule(pl.LightningModule):
         run = self.run
         saved = checkpoint.get("memwise", {})
         check_manifest(saved.get("manifest", {}), run.recipe.plugins)
+        if run.cfg.trainer.strategy == "fsdp" and saved.get("world_size", self.trainer.world_size) != self.trainer.world_size:
+            raise MemwiseError(f"this sharded checkpoint was saved by {saved['world_size']} processes; resume it with "
+                               f"trainer.devices={saved['world_size']} (now {self.trainer.world_size}), or "
+                               "consolidate it (memwise consolidate) and start from the weights")
         states = saved.get("plugins", {})
         for plugin in run.recipe.plugins:
             if plugin.name in states and run.host.implements(plugin, "memwise_load_state_dict"):
