@@ -302,7 +302,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       *(f"{getattr(e, k) / gib:,.2f}" for k in ("parameters", "gradients", "optimizer_state",
                                                                  "activations", "temporaries")),
                       f"{c.slowdown:.2f}x")
-    console.print(table)
+    Console(highlight=False, width=max(console.width, 150)).print(table)  # never cut the labels
     for note in notes:
         console.print(f"  {note}")
     console.print(f"planned {len(rows)} combination(s) in {time.perf_counter() - start:.1f} s")
