@@ -186,7 +186,12 @@ class StepShape:
     head_activations: int
     """logits and log-softmax saved by forward, freed once backward has passed the head"""
     layer_backward: int
-    """one decoder layer's parameter gradients and the gradient of its input"""
+    """the head's and one decoder layer's parameter gradients, and the gradient of the layer's input"""
+    layer_grads: int
+    """one decoder layer's parameter gradients"""
+    layers: int
+    outside_activations: int
+    """what forward saves outside the decoder layers (embeddings, final norm, head, loss)"""
 
 
 def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
@@ -194,14 +199,18 @@ def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
 
     Parameters and optimizer state live all step. The peak is either at the start of
     backward (everything forward saved, plus ``loss_grads``), or, when plugins recompute
-    in backward (temporaries), during the last layer's recompute: the head's activations
-    are freed by then, one layer's gradients are live; or in the optimizer step (all
-    gradients plus AdamW's temporaries), whichever is largest. Checked against
-    MemTracker's measured peak in tests/test_planner.py.
+    in backward (temporaries), during a layer's recompute: the head's activations are
+    freed by then; going down the layers each step frees what one layer kept and adds its
+    gradients, so the first layer is the worst when gradients outweigh what a layer keeps,
+    the last one otherwise; or in the optimizer step (all gradients plus AdamW's
+    temporaries), whichever is largest. Checked against MemTracker's measured peak in
+    tests/test_planner.py.
     """
     backward = shape.loss_grads
     if est.temporaries:
-        backward = max(backward, est.temporaries - shape.head_activations + shape.layer_backward)
+        kept = max(est.activations - shape.outside_activations, 0) // max(shape.layers, 1)
+        walk = max(0, (shape.layers - 1) * (shape.layer_grads - kept))
+        backward = max(backward, est.temporaries - shape.head_activations + shape.layer_backward + walk)
     step = est.gradients + 3 * shape.largest_param
     return est.parameters + est.optimizer_state + max(est.activations + est.kv_cache + backward, step)
 
@@ -250,7 +259,10 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
     shape = StepShape(largest_param=largest, loss_grads=4 * tokens * vocab + _bytes(head, devices),
                       head_activations=tokens * vocab * (8 if workload.precision == "32-true" else 10),
                       layer_backward=_layer_bytes(model, devices) + _bytes(head, devices)
-                      + 4 * tokens * model.config.hidden_size)
+                      + 4 * tokens * model.config.hidden_size,
+                      layer_grads=_layer_bytes(model, devices), layers=model.config.num_hidden_layers,
+                      outside_activations=memory.llama_activation_bytes(
+                          model.config, workload.batch_size, workload.seq_len, workload.precision, layers=0))
     if devices > 1:
         shard = sharded_state(model, devices)
         for cat in ("parameters", "gradients", "optimizer_state"):

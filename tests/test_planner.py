@@ -64,12 +64,16 @@ def test_predicted_peak_within_5_percent_of_measured(recipe, overrides):
 
 
 @pytest.mark.slow
-def test_real_model_short_sequence_peak_within_5_percent():
+def test_real_model_short_sequence_peak_within_5_percent(tmp_path):
     folder = require_real_model()
-    measured, on_model, on_meta = _measured_and_predicted(
-        MICRO, ["model.config={}", f"model.path={folder}", f"data.tokenizer={folder}",
-                "data.seq_len=32", "data.batch_size=1"])
-    assert on_meta.peak == on_model.peak
+    recipe = tmp_path / "real.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"builder": "llama", "path": str(folder)},
+        "data": {"builder": "text_files", "paths": [f"{ROOT}/core/*.py"], "tokenizer": str(folder), "seq_len": 32,
+                 "batch_size": 1, "max_documents": 20, "val_batches": 1, "val_percent": 10.0},
+        "trainer": {"max_steps": 1}, "optimizer": {"name": "adamw"}}))
+    measured, on_model, on_meta = _measured_and_predicted(str(recipe), [])
+    assert on_meta.estimate == on_model.estimate and on_meta.peak == on_model.peak
     assert abs(on_model.peak - measured) <= 0.05 * measured, (on_model.peak, measured, on_model.estimate)
 
 
