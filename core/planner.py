@@ -180,7 +180,8 @@ class StepShape:
     """Sizes that decide where in the step the peak falls."""
 
     largest_param: int
-    """torch AdamW's single-tensor step keeps about three temporaries of one parameter's size"""
+    """torch AdamW's single-tensor step holds two temporaries of one parameter's size (the square
+    root of the second moment and its quotient)"""
     loss_grads: int
     """the fp32 gradient of the logits and the head's gradient, at the start of backward"""
     head_activations: int
@@ -203,15 +204,15 @@ def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
     freed by then; going down the layers each step frees what one layer kept and adds its
     gradients, so the first layer is the worst when gradients outweigh what a layer keeps,
     the last one otherwise; or in the optimizer step (all gradients plus AdamW's
-    temporaries), whichever is largest. Checked against MemTracker's measured peak in
-    tests/test_planner.py.
+    temporaries: two of the largest parameter), whichever is largest. Checked against
+    MemTracker's measured peak in tests/test_planner.py.
     """
     backward = shape.loss_grads
     if est.temporaries:
         kept = max(est.activations - shape.outside_activations, 0) // max(shape.layers, 1)
         walk = max(0, (shape.layers - 1) * (shape.layer_grads - kept))
         backward = max(backward, est.temporaries - shape.head_activations + shape.layer_backward + walk)
-    step = est.gradients + 3 * shape.largest_param
+    step = est.gradients + 2 * shape.largest_param
     return est.parameters + est.optimizer_state + max(est.activations + est.kv_cache + backward, step)
 
 
@@ -337,6 +338,22 @@ def plan_model(target: Target, budget: int, devices: int = 1) -> tuple[list[Cand
     return rows, notes
 
 
+def _recipe_fields(config: dict) -> dict:
+    """The config's LlamaConfig fields that differ from the defaults, in this transformers'
+    spelling (older names such as rope_scaling are converted by LlamaConfig itself)."""
+    from transformers import LlamaConfig
+
+    from memwise.models import _llama_fields
+
+    drop = ("architectures", "transformers_version", "torch_dtype", "dtype", "model_type",
+            "bos_token_id", "eos_token_id", "pad_token_id")
+    full = LlamaConfig(**{k: v for k, v in config.items() if k not in drop}).to_dict()
+    default = LlamaConfig().to_dict()
+    keep = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    return {k: v for k, v in full.items()
+            if k in _llama_fields() and k not in drop and (k in keep or v != default.get(k))}
+
+
 def recipe_for(target: Target, cand: Candidate) -> dict:
     """A recipe ``memwise run`` accepts for a candidate."""
     if target.kind == "recipe":
@@ -345,10 +362,7 @@ def recipe_for(target: Target, cand: Candidate) -> dict:
     elif target.kind == "folder":
         out = {"model": {"builder": "llama", "path": str(Path(target.source).resolve())}}
     else:
-        fields = {k: v for k, v in target.config.items()
-                  if k not in ("architectures", "transformers_version", "torch_dtype", "dtype", "model_type",
-                               "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
-        out = {"model": {"builder": "llama", "config": fields}}
+        out = {"model": {"builder": "llama", "config": _recipe_fields(target.config)}}
     out["data"] = {"seq_len": target.seq_len, "batch_size": target.batch_size}
     trainer: dict[str, Any] = {"precision": target.precision}
     if cand.devices > 1:

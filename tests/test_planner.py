@@ -107,7 +107,7 @@ def test_llama_31_tables_match_closed_form(name, dims, billions):
     assert base.estimate.optimizer_state == 8 * n + 4 * tensors
     assert base.estimate.activations == activations
     loss_grads = 4 * tokens * vocab + 4 * vocab * h  # fp32 logits gradient and the head's gradient
-    assert base.peak == 4 * n + buffers + 8 * n + 4 * tensors + max(activations + loss_grads, 4 * n + 3 * 4 * vocab * h)
+    assert base.peak == 4 * n + buffers + 8 * n + 4 * tensors + max(activations + loss_grads, 4 * n + 2 * 4 * vocab * h)
     # every dimension divides by 8: each rank holds exactly an eighth of the sharded state
     assert fsdp.estimate.gradients * 8 == 4 * n
     assert fsdp.estimate.parameters == n // 2 + buffers
@@ -127,6 +127,17 @@ def test_plan_writes_a_recipe_that_validates(cli, tmp_path):
     assert "fits" in text and "baseline" in text
     code, _, err = cli("validate", out)
     assert code == 0, err
+
+
+def test_recipe_written_for_a_config_json_passes_the_model_checks():
+    from memwise.models import ModelConfig, check_model
+
+    target = planner.load_target(str(MODELS / "llama-3.1-70b.json"))
+    rows, _ = planner.plan_model(target, budget=80 * 2**30, devices=8)
+    written = planner.recipe_for(target, rows[0])
+    assert check_model(ModelConfig(**written["model"])) == []
+    assert written["model"]["config"]["hidden_size"] == 8192 and written["model"]["config"]["vocab_size"] == 128256
+    assert written["trainer"]["strategy"] == "fsdp" and written["trainer"]["devices"] == 8
 
 
 def test_plan_refuses_bad_input(cli, tmp_path):
