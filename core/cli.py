@@ -246,13 +246,22 @@ def _train(run: Any, args: argparse.Namespace) -> int:
             report.write_json(folder, "summary.json", summ)
         raise
     trainer.save_checkpoint(run.checkpoint_path("last"), weights_only=False)
+    sharded = run.cfg.trainer.strategy == "fsdp"
+    measured = None
+    if sharded and run.cfg.report.probe_memory:  # every rank: the sharded step needs all of them
+        measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
+        folder.mkdir(parents=True, exist_ok=True)
+        report.write_json(folder, f"memory-rank{trainer.global_rank}.json",
+                          {"world_size": trainer.world_size,
+                           "measured": {**measured.as_dict(), "headline": measured.headline()}})
     if not trainer.is_global_zero:
         return 0
     run.host.hook.memwise_on_fit_end(ctx=run.ctx)
     mem: dict[str, Any] = {"predicted": rows[-1][1].as_dict(),
-                           "predicted_steps": [{"label": lbl, **est.as_dict(), "note": note} for lbl, est, note in rows]}
+                           "predicted_steps": [{"label": lbl, **e.as_dict(), "note": note} for lbl, e, note in rows]}
     if run.cfg.report.probe_memory:
-        measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
+        if measured is None:
+            measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
         mem["measured"] = {**measured.as_dict(), "headline": measured.headline()}
         console.print(_estimate_table(rows, mem["measured"]))
         console.print("measured: parameters, gradients and optimizer state after the step; activations "
@@ -260,7 +269,11 @@ def _train(run: Any, args: argparse.Namespace) -> int:
         console.print(f"process peak resident memory: {_fmt(measured.peak_rss)} MiB")
     summ = report.summary(module.history)
     summ["manifest"] = manifest(run.recipe.plugins)
-    if run.cfg.report.save_model:
+    if run.cfg.report.save_model and sharded:
+        from memwise.sharding import consolidate
+
+        consolidate(run.checkpoint_path("last"), folder / "model")
+    elif run.cfg.report.save_model:
         module.model.save_pretrained(folder / "model", safe_serialization=True)
     report.write_recipe(folder, run.recipe.resolved)
     report.write_metrics(folder, module.history)
@@ -271,7 +284,6 @@ def _train(run: Any, args: argparse.Namespace) -> int:
     first, final = summ["first_val_loss"], summ["final_val_loss"]
     console.print(f"validation loss {_loss(first)} -> {_loss(final)} after {summ['steps']} steps; report in {folder}")
     return 0
-
 
 def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
@@ -331,13 +343,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gen.max_new_tokens = args.max_new_tokens
     if gen.checkpoint:
         from memwise.guard import nonfinite_tensors
+        from memwise.sharding import is_dcp_checkpoint, load_model_state
 
-        state = safe_load(gen.checkpoint)["state_dict"]
+        if is_dcp_checkpoint(gen.checkpoint):  # a sharded run's folder: gathered here, one process
+            state = load_model_state(gen.checkpoint)
+        else:
+            state = {k.removeprefix("model."): v for k, v in safe_load(gen.checkpoint)["state_dict"].items()}
         bad = nonfinite_tensors(state)
         if bad:
             raise InputError(f"checkpoint {gen.checkpoint}: its weights hold NaN/inf ({', '.join(bad[:4])}); "
                              "generate with an earlier checkpoint")
-        ctx.model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        ctx.model.load_state_dict(state)
     ctx.model.eval()
     tok = ctx.tokenizer
     for prompt in args.prompt:
@@ -357,6 +373,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
         console.print(f"[bold]{prompt}[/bold]{tok.decode(out[0, ids.shape[1]:].tolist())}")
         if cache is not None and hasattr(cache, "nbytes"):
             console.print(f"  KV cache: {cache.nbytes():,} bytes")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import time
+
+    import yaml
+
+    from memwise import planner
+
+    start = time.perf_counter()
+    budget = planner.parse_bytes(args.budget)
+    problems = planner.check_args(budget, args.devices, args.seq_len, args.batch_size)
+    if problems:
+        raise RecipeError(problems, source="memwise plan")
+    if args.stage == "generate":
+        raise MemwiseError("memwise plan --stage generate is not implemented yet: it plans training (fit); "
+                           "for generation memory use memwise explain on a generate recipe")
+    target = planner.load_target(args.model)
+    for key in ("seq_len", "batch_size", "precision"):
+        if getattr(args, key) is not None:
+            setattr(target, key, getattr(args, key))
+    rows, notes = planner.plan_model(target, budget, args.devices)
+    unit, gib = ("GiB", 2 ** 30) if budget >= 2 ** 30 else ("MiB", 2 ** 20)
+    table = Table(title=f"plan for {args.model}: seq {target.seq_len}, batch {target.batch_size} per device, "
+                        f"{target.precision}, budget {args.budget} per device ({unit} per device)")
+    for col in ("#", "combination", "fits", "peak", "parameters", "gradients", "optimizer", "activations",
+                "temporaries", "slowdown"):
+        table.add_column(col, justify="left" if col in ("combination", "fits") else "right")
+    for i, c in enumerate(rows):
+        e = c.estimate
+        table.add_row(str(i + 1), c.label, "yes" if c.fits else "no", f"{c.peak / gib:,.2f}",
+                      *(f"{getattr(e, k) / gib:,.2f}" for k in ("parameters", "gradients", "optimizer_state",
+                                                                 "activations", "temporaries")),
+                      f"{c.slowdown:.2f}x")
+    Console(highlight=False, width=max(console.width, 150)).print(table)  # never cut the labels
+    for note in notes:
+        console.print(f"  {note}")
+    console.print(f"planned {len(rows)} combination(s) in {time.perf_counter() - start:.1f} s")
+    if args.write:
+        best = next((c for c in rows if c.fits), None)
+        if best is None:
+            raise MemwiseError(f"no combination fits {args.budget}; nothing written to {args.write} (try more "
+                               "--devices, a shorter --seq-len or a smaller --batch-size)")
+        from pathlib import Path
+
+        Path(args.write).write_text(f"# written by memwise plan {args.model} --budget {args.budget}: "
+                                    f"{best.label}, predicted peak {best.peak / gib:,.2f} {unit} per device\n"
+                                    + yaml.safe_dump(planner.recipe_for(target, best), sort_keys=False))
+        console.print(f"wrote {args.write} ({best.label}); run it with: memwise run {args.write}")
+    return 0 if any(c.fits for c in rows) else 1
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from memwise.sharding import consolidate, read_metadata
+
+    out = consolidate(args.checkpoint, args.out)
+    world = read_metadata(args.checkpoint).get("memwise", {}).get("world_size", "?")
+    console.print(f"{args.checkpoint} (saved by {world} processes) -> {out}; load it with "
+                  f"from_pretrained('{args.out}') or model.path={args.out}")
     return 0
 
 
@@ -396,6 +472,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.set_defaults(func=cmd_generate)
     _allow_resolvers_flag(p)
+    p = sub.add_parser("plan", help="which plugins (and sharding) fit a model in a memory budget")
+    p.add_argument("model", help="a local HF model folder, a config.json or a recipe")
+    p.add_argument("--budget", required=True, help="memory per device, e.g. 24GiB, 80GB")
+    p.add_argument("--devices", type=int, default=1, help="devices to shard over with FSDP (default 1)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: recipe's or 2048)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per device (default: recipe's or 1)")
+    p.add_argument("--precision", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true"], default=None)
+    p.add_argument("--stage", choices=["fit", "generate"], default="fit")
+    p.add_argument("--write", metavar="RECIPE", default=None, help="write the best fitting combination as a recipe")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("consolidate", help="a sharded (FSDP) checkpoint folder -> one safetensors model folder")
+    p.add_argument("checkpoint", help="checkpoint folder written by trainer.strategy=fsdp")
+    p.add_argument("out", help="output folder (model.safetensors and config.json)")
+    p.set_defaults(func=cmd_consolidate)
     _plugin_commands(sub)
     return parser
 
@@ -446,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except MemwiseError as err:
         err_console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        return 2 if args.command in ("validate", "explain", "plugins", "recipes") else 1
+        return 2 if args.command in ("validate", "explain", "plugins", "recipes", "plan", "consolidate") else 1
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

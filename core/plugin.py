@@ -57,6 +57,11 @@ class Plugin:
     required_on_load: ClassVar[bool] = False
     """True when a checkpoint made with this plugin cannot be loaded without it."""
     strategies: ClassVar[tuple[str, ...]] = ("auto", "ddp", "ddp_spawn", "single_device")
+    strategy_notes: ClassVar[dict[str, str]] = {}
+    """Why a strategy outside ``strategies`` is refused and what to do instead (shown in the error)."""
+    planned: ClassVar[bool] = True
+    """False for plugins that change what is trained (pruning, data): ``memwise plan`` then leaves
+    them out of its combinations."""
     hook_api: ClassVar[int] = HOOK_API
     distribution: ClassVar[str] = ""
     """The distribution that ships the plugin, for install hints and manifests."""
@@ -97,6 +102,11 @@ class Plugin:
     def requires(self) -> set[str]:
         """Capabilities another plugin must provide for this one to work."""
         return set()
+
+    def slowdown(self, ctx: Any) -> float:
+        """Expected step time with this plugin over the step time without it, given ``ctx.model`` and
+        ``ctx.workload`` (the planner's cost model; 1.0 = no cost)."""
+        return 1.0
 
     def transforms_model(self) -> bool:
         """False when this config asks for no model surgery: the core then skips

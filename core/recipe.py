@@ -28,6 +28,7 @@ from memwise.models import ModelConfig, check_model
 from memwise.optim import OptimizerConfig, SchedulerConfig
 from memwise.plugin import Plugin
 from memwise.schema import build, check, option, suggest
+from memwise.sharding import FsdpConfig
 
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device", "fsdp", "deepspeed")
 
@@ -41,7 +42,8 @@ class TrainerConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = option("auto", "Lightning accelerator")
     devices: Union[int, str] = option(1, "devices (processes) per node", ge=1)
     num_nodes: int = option(1, "nodes", ge=1)
-    strategy: str = option("auto", f"Lightning strategy: {', '.join(STRATEGIES)}")
+    strategy: str = option("auto", f"Lightning strategy: {', '.join(STRATEGIES)} (fsdp: FSDP2 sharding)")
+    fsdp: FsdpConfig = option(FsdpConfig(), "FSDP2 settings, used with strategy fsdp")
     gradient_clip_val: Optional[float] = option(1.0, "clip the gradient norm to this value (None: off)", gt=0)
     val_every_n_steps: int = option(50, "validate every N steps (also before the first and after the last)",
                                     ge=1)
@@ -410,8 +412,9 @@ def validate(raw: dict, stage: str, source: str = "") -> Recipe:
         problems += manager.check_hook_api(p)
         strategy = config.trainer.strategy if config else "auto"
         if strategy not in p.strategies:
+            why = p.strategy_notes.get(strategy)
             problems.append(Problem("trainer.strategy", f"plugin '{p.name}' supports strategies "
-                                    f"{', '.join(p.strategies)}, not '{strategy}'"))
+                                    f"{', '.join(p.strategies)}, not '{strategy}'" + (f": {why}" if why else "")))
     set_aside = []
     if stage == "generate":  # the recipe trained with these; generation runs without them
         set_aside = [p.name for p in plugins if "generate" not in p.stages]

@@ -204,9 +204,14 @@ class Run:
             from lightning.pytorch.callbacks import RichProgressBar
 
             callbacks.append(RichProgressBar(leave=True))
+        strategy: Any = t.strategy
+        if t.strategy == "fsdp":
+            from memwise.sharding import make_strategy
+
+            strategy = make_strategy(t.devices, t.num_nodes)
         return pl.Trainer(
             max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
-            num_nodes=t.num_nodes, strategy=t.strategy, logger=False, enable_checkpointing=False,
+            num_nodes=t.num_nodes, strategy=strategy, logger=False, enable_checkpointing=False,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             use_distributed_sampler=False, enable_progress_bar=t.progress_bar, callbacks=callbacks,
             plugins=[AtomicCheckpointIO()], max_epochs=-1,

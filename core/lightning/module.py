@@ -11,7 +11,7 @@ import torch
 
 from memwise import guard
 from memwise.checkpoint import check_manifest, manifest, rng_state, set_rng_state
-from memwise.errors import InputError, NonFiniteError, RunInterrupted
+from memwise.errors import InputError, MemwiseError, NonFiniteError, RunInterrupted
 from memwise.runner import causal_lm_loss, target_count
 
 
@@ -32,6 +32,16 @@ class RecipeModule(pl.LightningModule):
         self.nonfinite_skips = 0
         """Steps whose update was dropped because the loss or gradients were not finite (all runs)."""
         self._skips_in_a_row = 0
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy: fsdp``, shard the (already transformed) model with FSDP2."""
+        t = self.run.cfg.trainer
+        if t.strategy != "fsdp":
+            return
+        from memwise.sharding import is_sharded, shard_model
+
+        if not is_sharded(self.model):
+            shard_model(self.model, self.device_mesh["data_parallel"], t.precision, t.fsdp)
 
     # --- optimization ---------------------------------------------------------------------
 
@@ -169,6 +179,9 @@ class RecipeModule(pl.LightningModule):
         states = {p.name: s for p, s in run.host.each("memwise_state_dict", ctx=run.ctx) if s is not None}
         checkpoint["memwise"] = {
             "manifest": manifest(run.recipe.plugins, run.recipe.resolved),
+            "world_size": int(self.trainer.world_size),
+            "strategy": run.cfg.trainer.strategy,
+            "model_config": self.model.config.to_dict() if hasattr(self.model, "config") else {},
             "plugins": states,
             "rng": rng_state(),
             "history": [dict(r) for r in self.history],
@@ -227,6 +240,10 @@ class RecipeModule(pl.LightningModule):
                              f"{', ...' if len(bad) > 4 else ''}); resume from an earlier checkpoint")
         saved_manifest = saved.get("manifest", {})
         check_manifest(saved_manifest, run.recipe.plugins)
+        if run.cfg.trainer.strategy == "fsdp" and saved.get("world_size", self.trainer.world_size) != self.trainer.world_size:
+            raise MemwiseError(f"this sharded checkpoint was saved by {saved['world_size']} processes; resume it with "
+                               f"trainer.devices={saved['world_size']} (now {self.trainer.world_size}), or "
+                               "consolidate it (memwise consolidate) and start from the weights")
         states = saved.get("plugins", {})
         self._check_match(checkpoint, saved_manifest, states)
         for plugin in run.recipe.plugins:

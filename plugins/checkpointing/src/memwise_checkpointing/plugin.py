@@ -19,6 +19,7 @@ class CheckpointingPlugin(memwise.Plugin):
     summary = "activation checkpointing: recompute decoder layers in backward"
     phase = "wrap"
     distribution = "memwise-checkpointing"
+    strategies = (*memwise.Plugin.strategies, "fsdp")  # recompute inside each fully_shard unit, as torchtitan
 
     @dataclass
     class Config:
@@ -34,6 +35,10 @@ class CheckpointingPlugin(memwise.Plugin):
 
     def _count(self, model) -> int:
         return len(select_layers(model, self.config.layers))
+
+    def slowdown(self, ctx) -> float:
+        """Each chosen layer's forward runs twice; a forward is about a third of a training step."""
+        return 1.0 + self._count(ctx.model) / (3 * len(decoder_layers(ctx.model)))
 
     @hookimpl
     def memwise_validate(self, ctx) -> list:

@@ -16,6 +16,9 @@ class CoatPlugin(memwise.Plugin):
     summary = "FP8 optimizer states (dynamic range expansion) and mixed-granularity FP8 activations"
     phase = "replace"
     distribution = "memwise-coat"
+    strategy_notes = {"fsdp": "COAT's FP8 optimizer quantizes whole parameters in groups of 128 and does not yet "
+                               "handle FSDP2's DTensor shards (groups within each local shard, 1/N of the state per "
+                               "rank); use trainer.strategy=ddp with coat, or fsdp without it"}
     required_on_load = True  # its optimizer state holds FP8 moments a torch AdamW cannot load as they are
     capability_switch: ClassVar[dict[str, str]] = {"activation.storage": "coat.activations: false"}
 
@@ -64,6 +67,11 @@ class CoatPlugin(memwise.Plugin):
         c = self.config
         return dict(group_size=c.group_size, expansion=c.expansion, second_moment_format=c.second_moment_format,
                     min_numel=c.min_numel, min_expansion=c.min_expansion)
+
+    def slowdown(self, ctx: Any) -> float:
+        """FP8 quantization around the optimizer step and, with activations on, each linear layer; the
+        paper reports its kernels at par with bf16 on GPUs, the CPU torch path is slower (not modelled)."""
+        return 1.1 if self.config.activations else 1.05
 
     @hookimpl
     def memwise_validate(self, ctx: Any) -> list:

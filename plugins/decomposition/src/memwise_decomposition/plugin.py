@@ -34,6 +34,8 @@ class DecompositionPlugin(memwise.Plugin):
     stages = ("fit",)
     phase = "data"
     distribution = "memwise-decomposition"
+    planned = False  # it changes the batches (lengths, counts): a data choice, not a memory setting
+    strategies = (*memwise.Plugin.strategies, "fsdp")  # the same bucket on every rank; sharding is orthogonal
 
     @dataclasses.dataclass
     class Config:

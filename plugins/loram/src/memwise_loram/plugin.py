@@ -28,6 +28,10 @@ class LoramPlugin(Plugin):
     composes_with = ("coat", "mesa")
     required_on_load = True
     distribution = "memwise-loram"
+    planned = False  # it prunes the model and trains adapters: a different job, not a memory setting
+    strategy_notes = {"fsdp": "LoRAM prunes and may store the frozen base in NF4 (packed bytes plus scales), which "
+                               "fully_shard cannot split along dim 0 as parameters; use trainer.strategy=ddp: the "
+                               "pruned base is already a fraction of the model"}
 
     @dataclasses.dataclass
     class Config:

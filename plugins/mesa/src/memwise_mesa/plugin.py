@@ -26,6 +26,10 @@ class MesaPlugin(memwise.Plugin):
     stages = ("fit",)
     phase = "replace"
     distribution = "memwise-mesa"
+    strategy_notes = {"fsdp": "Mesa's running quantization ranges are per-rank buffers; DDP broadcasts buffers "
+                               "from rank 0 every step, FSDP2 does not, so each rank would quantize differently and "
+                               "a sharded checkpoint would keep one rank's ranges. Use trainer.strategy=ddp, or the "
+                               "checkpointing plugin under fsdp"}
     required_on_load = True
 
     @dataclasses.dataclass
@@ -73,6 +77,10 @@ class MesaPlugin(memwise.Plugin):
 
         c = self.config
         return plan_mesa(model, c.include, c.exclude, c.layers, c.groups, c.attention_groups, partial=c.generic)
+
+    def slowdown(self, ctx: Any) -> float:
+        """Packing and unpacking every saved activation: 1.51x the step on tiny (docs/plugins/mesa.md)."""
+        return 1.5
 
     @memwise.hookimpl
     def memwise_validate(self, ctx: Any) -> list:

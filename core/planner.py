@@ -1,0 +1,386 @@
+"""``memwise plan``: which combination of plugins (and sharding) fits a model in a memory budget.
+
+The model is built on the meta device (no weights, no memory: a 70B config plans in
+seconds); each combination's memory is the baseline prediction plus the plugins'
+``memwise_estimate_memory`` deltas, as ``memwise explain`` computes them; FSDP divides
+parameters, gradients and optimizer state by the number of processes. Combinations are
+ranked by whether their predicted peak fits the budget, then by the slowdown each plugin
+declares (``Plugin.slowdown``), then by peak.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memwise import manager, memory, plan
+from memwise.context import RunContext, Workload
+from memwise.errors import MemwiseError, Problem, RecipeError
+from memwise.memory import CATEGORIES, MemoryEstimate
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BYTE_VOCAB = 260
+"""Vocabulary of memwise's byte tokenizer: what a recipe's model gets without a model folder."""
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '80 GB', '512MiB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", text.lower())
+    if not m:
+        raise MemwiseError(f"budget '{text}' is not a size; write e.g. 24GiB, 80GB or 512MiB")
+    return int(float(m.group(1)) * UNITS[m.group(2) or ""])
+
+
+@dataclass
+class Target:
+    """What to plan for: a model config and the step shape."""
+
+    config: dict
+    source: str
+    kind: str  # folder, config, recipe
+    seq_len: int = 2048
+    batch_size: int = 1
+    precision: str = "bf16-mixed"
+    recipe_model: dict = field(default_factory=dict)
+
+
+def _read_config(file: Path) -> dict:
+    from memwise.models import check_folder
+
+    problems = check_folder(str(file.parent), "MODEL") if file.name == "config.json" else []
+    if problems:
+        raise RecipeError(problems, source=str(file))
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise MemwiseError(f"cannot read the model config '{file}': {err}") from None
+    if "auto_map" in data:
+        raise MemwiseError(f"{file} asks for remote code (auto_map); memwise plans only architectures "
+                           "transformers ships")
+    return data
+
+
+def load_target(model: str) -> Target:
+    """MODEL as a HF folder, a config.json file or a recipe (file or shipped name)."""
+    path = Path(model)
+    if path.is_dir():
+        return Target(_read_config(path / "config.json"), model, "folder", recipe_model={"path": str(path)})
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise MemwiseError(f"model config '{model}' does not exist")
+        return Target(_read_config(path), model, "config")
+    from memwise import recipe
+
+    try:
+        raw = recipe.to_plain(recipe.load_raw(model))
+    except RecipeError:
+        raise MemwiseError(f"'{model}' is neither a model folder, a config.json nor a recipe; give a local HF "
+                           "folder (config.json inside), a config.json file or a recipe path") from None
+    m, data, trainer = raw.get("model", {}) or {}, raw.get("data", {}) or {}, raw.get("trainer", {}) or {}
+    if m.get("path"):
+        config = {**_read_config(Path(m["path"]) / "config.json"), **(m.get("config") or {})}
+    else:
+        config = {"vocab_size": BYTE_VOCAB, **(m.get("config") or {})}
+    return Target(config, model, "recipe", seq_len=int(data.get("seq_len", 256)),
+                  batch_size=int(data.get("batch_size", 16)), precision=trainer.get("precision", "32-true"),
+                  recipe_model=m)
+
+
+def meta_model(config: dict) -> torch.nn.Module:
+    """The model on the meta device: shapes and dtypes only, no memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kind = config.get("model_type", "llama")
+    if kind != "llama":
+        raise MemwiseError(f"model_type '{kind}' is not supported by the planner (memwise builds Llama-family "
+                           "decoders: model_type llama)")
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "torch_dtype",
+                                                          "dtype", "model_type")}
+    cfg = LlamaConfig(**fields)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return model.train()
+
+
+# --- exact counts on the meta device ------------------------------------------------------
+
+
+def _distinct(tensors: Any) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _bytes(t: torch.Tensor, shards: int = 1) -> int:
+    """Bytes of one rank's FSDP2 shard of ``t`` (dim 0 padded to a multiple of ``shards``)."""
+    if shards == 1 or t.ndim == 0:
+        return t.numel() * t.element_size()
+    rows = math.ceil(t.shape[0] / shards)
+    return rows * (t.numel() // max(t.shape[0], 1)) * t.element_size()
+
+
+def sharded_state(model: torch.nn.Module, shards: int) -> dict[str, int]:
+    """Parameters (with replicated buffers), gradients and AdamW state per rank."""
+    params = _distinct(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    buffers = sum(_bytes(b) for b in _distinct(model.buffers()))
+    grads = sum(_bytes(p, shards) for p in trainable)
+    return {"parameters": sum(_bytes(p, shards) for p in params) + buffers, "gradients": grads,
+            "optimizer_state": 2 * grads + 4 * len(trainable), "largest": max((_bytes(p) for p in params), default=0)}
+
+
+def _layer_bytes(model: torch.nn.Module, shards: int = 1) -> int:
+    """The largest decoder layer's parameter bytes (one rank's shard of them)."""
+    from memwise.models import decoder_layers
+
+    return max(sum(_bytes(p, shards) for p in layer.parameters()) for _, layer in decoder_layers(model))
+
+
+# --- combinations ---------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One combination and its prediction (per rank)."""
+
+    plugins: list[str]
+    devices: int
+    estimate: MemoryEstimate
+    peak: int
+    slowdown: float
+    fits: bool = False
+    notes: list[str] = field(default_factory=list)
+    instances: list = field(default_factory=list)
+
+    @property
+    def strategy(self) -> str:
+        return "fsdp" if self.devices > 1 else "auto"
+
+    @property
+    def label(self) -> str:
+        names = " + ".join(self.plugins) or "baseline"
+        return f"{names} (fsdp x{self.devices})" if self.devices > 1 else names
+
+
+@dataclass
+class StepShape:
+    """Sizes that decide where in the step the peak falls."""
+
+    largest_param: int
+    """torch AdamW's single-tensor step holds two temporaries of one parameter's size (the square
+    root of the second moment and its quotient)"""
+    loss_grads: int
+    """the fp32 gradient of the logits and the head's gradient, at the start of backward"""
+    head_activations: int
+    """logits and log-softmax saved by forward, freed once backward has passed the head"""
+    layer_backward: int
+    """the head's and one decoder layer's parameter gradients, and the gradient of the layer's input"""
+    layer_grads: int
+    """one decoder layer's parameter gradients"""
+    layers: int
+    outside_activations: int
+    """what forward saves outside the decoder layers (embeddings, final norm, head, loss)"""
+
+
+def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
+    """The step's peak from its categories.
+
+    Parameters and optimizer state live all step. The peak is either at the start of
+    backward (everything forward saved, plus ``loss_grads``), or, when plugins recompute
+    in backward (temporaries), during a layer's recompute: the head's activations are
+    freed by then; going down the layers each step frees what one layer kept and adds its
+    gradients, so the first layer is the worst when gradients outweigh what a layer keeps,
+    the last one otherwise; or in the optimizer step (all gradients plus AdamW's
+    temporaries: two of the largest parameter), whichever is largest. Checked against
+    MemTracker's measured peak in tests/test_planner.py.
+    """
+    backward = shape.loss_grads
+    if est.temporaries:
+        kept = max(est.activations - shape.outside_activations, 0) // max(shape.layers, 1)
+        walk = max(0, (shape.layers - 1) * (shape.layer_grads - kept))
+        backward = max(backward, est.temporaries - shape.head_activations + shape.layer_backward + walk)
+    step = est.gradients + 2 * shape.largest_param
+    return est.parameters + est.optimizer_state + max(est.activations + est.kv_cache + backward, step)
+
+
+def plannable_plugins(stage: str = "fit") -> tuple[list[type], list[str]]:
+    """Installed plugins the planner may combine, and notes on those it leaves out."""
+    chosen, notes = [], []
+    for name in manager.available():
+        try:
+            cls = manager.load(name)
+        except Exception as err:  # noqa: BLE001 - one broken plugin must not stop planning
+            notes.append(f"{name}: cannot be imported ({err})")
+            continue
+        if stage not in cls.stages:
+            continue
+        if not cls.planned:
+            notes.append(f"{name}: not combined automatically (it changes what is trained); add it yourself")
+            continue
+        chosen.append(cls)
+    return chosen, notes
+
+
+def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices: int = 1,
+             optimizer: str = "adamw") -> Candidate:
+    """Per-rank prediction for ``plugins`` (instances, plan order) on ``model`` (meta or real)."""
+    ctx = RunContext(stage="fit", plugins=plugins, recipe={"optimizer": {"name": optimizer}}, workload=workload)
+    ctx.model = model
+    state = sharded_state(model, 1)
+    est = MemoryEstimate(parameters=state["parameters"], gradients=state["gradients"],
+                         optimizer_state=state["optimizer_state"],
+                         activations=memory.llama_activation_bytes(model.config, workload.batch_size,
+                                                                   workload.seq_len, workload.precision))
+    notes = []
+    slowdown = 1.0
+    from memwise.manager import PluginHost
+
+    host = PluginHost(plugins)
+    for plugin, delta in host.each("memwise_estimate_memory", ctx=ctx, estimate=est):
+        est = est.apply(delta)
+        slowdown *= plugin.slowdown(ctx)
+        if delta is not None and delta.note:
+            notes.append(f"{plugin.name}: {delta.note}")
+    largest = state["largest"]
+    head = model.get_output_embeddings().weight
+    tokens, vocab = workload.batch_size * workload.seq_len, model.config.vocab_size
+    shape = StepShape(largest_param=largest, loss_grads=4 * tokens * vocab + _bytes(head, devices),
+                      head_activations=tokens * vocab * (8 if workload.precision == "32-true" else 10),
+                      layer_backward=_layer_bytes(model, devices) + _bytes(head, devices)
+                      + 4 * tokens * model.config.hidden_size,
+                      layer_grads=_layer_bytes(model, devices), layers=model.config.num_hidden_layers,
+                      outside_activations=memory.llama_activation_bytes(
+                          model.config, workload.batch_size, workload.seq_len, workload.precision, layers=0))
+    if devices > 1:
+        shard = sharded_state(model, devices)
+        for cat in ("parameters", "gradients", "optimizer_state"):
+            setattr(est, cat, getattr(est, cat) - state[cat] + shard[cat])
+        gathered = 2 * _layer_bytes(model)  # the layer being computed and the next one, prefetched
+        est.temporaries += gathered
+        shape.largest_param = math.ceil(largest / devices)
+        notes.append(f"fsdp: parameters, gradients and optimizer state / {devices}; temporaries + {gathered:,} B "
+                     "of gathered layer parameters (not measured here); communication time not modelled")
+    return Candidate([describe(p) for p in plugins], devices, est, predict_peak(est, shape), slowdown, notes=notes,
+                     instances=list(plugins))
+
+
+def variants(cls: type) -> list[Any]:
+    """The plugin with default settings, and with each capability switched off by its
+    ``capability_switch`` (e.g. COAT's optimizer only: ``coat.activations: false``)."""
+    import yaml
+
+    out = [cls()]
+    for switch in getattr(cls, "capability_switch", {}).values():
+        key, _, value = switch.partition(":")
+        field_name = key.strip().split(".", 1)[-1]
+        out.append(cls(**{field_name: yaml.safe_load(value)}))
+    return out
+
+
+def _changed(plugin: Any) -> dict:
+    default = type(plugin)().config_dict()
+    return {k: v for k, v in plugin.config_dict().items() if default.get(k) != v}
+
+
+def describe(plugin: Any) -> str:
+    """``name``, or ``name(key=value)`` for the settings that differ from the defaults."""
+    changed = _changed(plugin)
+    return plugin.name + (f"({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
+
+
+def combinations(classes: list[type], devices: int) -> list[tuple[list, int]]:
+    """Every subset of the plannable plugins (each in each variant) that passes the plan's checks,
+    on one device and, when ``devices`` > 1, sharded over all of them."""
+    subsets = [list(itertools.product(*(variants(cls) for cls in subset)))
+               for r in range(len(classes) + 1) for subset in itertools.combinations(classes, r)]
+    out = []
+    for plugins in (list(p) for group in subsets for p in group):
+        if plan.check(plugins, "fit"):
+            continue
+        ordered, problems = plan.order(plugins)
+        if problems:
+            continue
+        for n in sorted({1, devices}):
+            if n == 1 or all("fsdp" in p.strategies for p in ordered):
+                out.append((ordered, n))
+    return out
+
+
+def plan_model(target: Target, budget: int, devices: int = 1) -> tuple[list[Candidate], list[str]]:
+    """Every combination's prediction, best first: those that fit by slowdown (then peak), then
+    the others by peak."""
+    model = meta_model(target.config)
+    workload = Workload(target.batch_size, target.seq_len, target.precision)
+    classes, notes = plannable_plugins()
+    rows = []
+    for plugins, n in combinations(classes, devices):
+        try:
+            cand = estimate(model, plugins, workload, n)
+        except Exception as err:  # noqa: BLE001 - a plugin that cannot estimate this model is reported
+            notes.append(f"{' + '.join(p.name for p in plugins)}: no estimate ({err})")
+            continue
+        cand.fits = cand.peak <= budget
+        rows.append(cand)
+    rows.sort(key=lambda c: (not c.fits, c.slowdown if c.fits else c.peak, c.peak))
+    return rows, notes
+
+
+def _recipe_fields(config: dict) -> dict:
+    """The config's LlamaConfig fields that differ from the defaults, in this transformers'
+    spelling (older names such as rope_scaling are converted by LlamaConfig itself)."""
+    from transformers import LlamaConfig
+
+    from memwise.models import _llama_fields
+
+    drop = ("architectures", "transformers_version", "torch_dtype", "dtype", "model_type",
+            "bos_token_id", "eos_token_id", "pad_token_id")
+    full = LlamaConfig(**{k: v for k, v in config.items() if k not in drop}).to_dict()
+    default = LlamaConfig().to_dict()
+    keep = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    return {k: v for k, v in full.items()
+            if k in _llama_fields() and k not in drop and (k in keep or v != default.get(k))}
+
+
+def recipe_for(target: Target, cand: Candidate) -> dict:
+    """A recipe ``memwise run`` accepts for a candidate."""
+    if target.kind == "recipe":
+        out: dict[str, Any] = {"extends": [str(Path(target.source).resolve())] if Path(target.source).is_file()
+                               else [target.source]}
+    elif target.kind == "folder":
+        out = {"model": {"builder": "llama", "path": str(Path(target.source).resolve())}}
+    else:
+        out = {"model": {"builder": "llama", "config": _recipe_fields(target.config)}}
+    out["data"] = {"seq_len": target.seq_len, "batch_size": target.batch_size}
+    trainer: dict[str, Any] = {"precision": target.precision}
+    if cand.devices > 1:
+        trainer.update(strategy="fsdp", devices=cand.devices)
+    out["trainer"] = trainer
+    out["plugins"] = [{"use": p.name, **({"with": changed} if (changed := _changed(p)) else {})} for p in cand.instances]
+    return out
+
+
+def check_args(budget: int, devices: int, seq_len: int | None, batch_size: int | None) -> list[Problem]:
+    problems = []
+    if budget <= 0:
+        problems.append(Problem("--budget", "must be a positive size, e.g. 24GiB"))
+    for key, value in (("--devices", devices), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            problems.append(Problem(key, f"must be at least 1, got {value}"))
+    return problems
+
+
+def categories(cand: Candidate) -> dict[str, int]:
+    return {c: getattr(cand.estimate, c) for c in CATEGORIES}
