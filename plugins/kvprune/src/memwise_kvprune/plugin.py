@@ -26,7 +26,7 @@ class KVPrunePlugin(memwise.Plugin):
         fold_every: int = option(0, "prune the oldest window tokens every N decoded tokens (0: never)")
         eviction: Literal["none", "streaming", "snapkv"] = option("none", "token eviction policy at prefill")
         budget: float = option(0.5, "fraction of the prompt's tokens kept per KV head when evicting")
-        sinks: int = option(4, "streaming: first non-pad tokens always kept")
+        sinks: int = option(4, "streaming and snapkv: first non-pad tokens always kept")
         evict_observe: int = option(32, "snapkv: last prompt tokens whose attention votes")
         kernel: int = option(7, "snapkv: width of the average pooling of votes (odd)")
         fp8: Literal["none", "e4m3", "e5m2"] = option("none", "FP8 storage of pruned keys and values")
