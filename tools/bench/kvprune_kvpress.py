@@ -98,9 +98,8 @@ def retrieval(args: argparse.Namespace) -> None:
     """Exact-match pass-key accuracy of each press on the prompts kvprune_retrieval.py saved."""
     data = torch.load(f"{args.prompts}/prompts-{args.length}.pt", weights_only=True)
     rows = data["rows"]
-    if args.quick:
-        keys = len(rows) // 10
-        rows = [r for i, r in enumerate(rows) if i % keys < 2]
+    if args.quick:  # one key per filler and depth
+        rows = rows[::len(rows) // 10]
     rows = rows[:args.limit] if args.limit else rows
     model = LlamaForCausalLM.from_pretrained(data["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(data["model"])
@@ -139,12 +138,15 @@ def retrieval(args: argparse.Namespace) -> None:
         finally:
             for hook in hooks:
                 hook.remove()
-        key = str(row["key"])
+        key, length = str(row["key"]), len(row["ids"])
         for n in names:
             cache = caches[n]
             tokens = [int(out.logits[0, -1].argmax())]
             while len(tokens) < args.new and tokens[-1] != eos and not decided(tok.decode(tokens), key):
-                step = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+                # after eviction the cache holds fewer tokens than were seen: positions must say where we are
+                t = length + len(tokens) - 1
+                step = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True,
+                             position_ids=torch.tensor([[t]]), cache_position=torch.tensor([t]))
                 tokens.append(int(step.logits[0, -1].argmax()))
             text = tok.decode(tokens, skip_special_tokens=True)
             match = re.search(r"\d+", text)
@@ -182,7 +184,7 @@ def main() -> None:
     parser.add_argument("--prompts", default="runs/kvprune/retrieval", help="retrieval: the prompts' folder")
     parser.add_argument("--length", type=int, default=1024, help="retrieval: prompt length")
     parser.add_argument("--settings", nargs="+", default=list(RETRIEVAL_PRESSES), help="retrieval: presses")
-    parser.add_argument("--quick", action="store_true", help="retrieval: 20 prompts")
+    parser.add_argument("--quick", action="store_true", help="retrieval: 10 prompts (one per filler and depth)")
     parser.add_argument("--limit", type=int, default=None, help="retrieval: first N prompts only")
     parser.add_argument("--new", type=int, default=16, help="retrieval: most tokens decoded per answer")
     args = parser.parse_args()

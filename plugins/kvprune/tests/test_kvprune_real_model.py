@@ -53,9 +53,8 @@ def test_snapkv_on_a_prompt_within_the_window_keeps_the_full_cache_answer(real):
     model, tok = real
     ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
     assert ids.shape[1] < 32
-    full = greedy(model, ids, 12)
-    assert greedy(model, ids, 12, eviction=Eviction("snapkv", 0.6)) == full
-    assert greedy(model, ids, 12, think=ThinK(0.5), eviction=Eviction("snapkv", 0.6), fp8=True) == full
+    full = greedy(model, ids, 8)
+    assert greedy(model, ids, 8, think=ThinK(0.5), eviction=Eviction("snapkv", 0.6), fp8=True) == full
 
 
 @pytest.mark.slow
@@ -65,8 +64,8 @@ def test_pass_key_survives_pruning_on_a_chat_prompt(real, settings):
     """A pass key in ~600 tokens of filler, asked under the chat template: the pruned cache answers it."""
     model, tok = real
     text = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the pass key.\n\n" + FILLER * 3
-            + " The pass key is 48213. Remember it. 48213 is the pass key. " + FILLER * 3
+            "I will quiz you about the pass key.\n\n" + FILLER * 5
+            + " The pass key is 48213. Remember it. 48213 is the pass key. " + FILLER * 5
             + "\n\nWhat is the pass key? Answer with the number only.")
     ids = chat_ids(tok, text)
     assert 500 < ids.shape[1] < 800

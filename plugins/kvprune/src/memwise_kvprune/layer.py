@@ -203,13 +203,6 @@ class PrunedLayer(CacheLayerMixin):
     def _store_values(self, values: torch.Tensor) -> Any:
         return FP8Rows.encode(values, self.fp8.format) if self.fp8 else values.contiguous()
 
-    def pruned_keys(self) -> torch.Tensor:
-        """The pruned store in the model dtype, [B, H, Tp, Dk]."""
-        return self.pruned_k.decode(self.dtype) if isinstance(self.pruned_k, FP8Rows) else self.pruned_k
-
-    def values_dense(self) -> torch.Tensor:
-        return self.vals.decode(self.dtype) if isinstance(self.vals, FP8Rows) else self.vals
-
     def stored_tokens(self) -> int:
         return _tokens(self.vals)
 
