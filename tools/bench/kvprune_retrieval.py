@@ -1,7 +1,8 @@
 """Long-context retrieval on the real model: a pass key hidden in filler, exact match, greedy decoding.
 
-    python tools/bench/kvprune_retrieval.py prompts --lengths 1024 2048 4096   # writes runs/kvprune/retrieval/prompts-L.pt
+    python tools/bench/kvprune_retrieval.py prompts --lengths 1024 2048 4096   # runs/kvprune/retrieval/prompts-L.pt
     python tools/bench/kvprune_retrieval.py eval --length 1024 [--quick] [--settings full think0.5 ...]
+    python tools/bench/kvprune_retrieval.py timing --length 1024      # decode tokens/s against the full cache
     /tmp/kvpress-venv/bin/python tools/bench/kvprune_kvpress.py retrieval --length 1024   # kvpress, same prompts
 
 Each prompt is SmolLM2-135M-Instruct's chat template around one user message: an
@@ -258,6 +259,36 @@ def evaluate(model: LlamaForCausalLM, tok: Any, data: dict, names: list[str], ne
     return {"prompts": len(rows), "tokens": length, "rows": result}
 
 
+@torch.no_grad()
+def timing(model: LlamaForCausalLM, ids: list[int], names: list[str], steps: int, reps: int) -> list[dict]:
+    """Decode tokens/s of each setting against the full cache: one shared prefill, then for each of
+    ``reps`` rounds every setting decodes ``steps`` tokens from a copy of its prefilled cache, in turn
+    (A B C A B C ...); the first round is warm-up, the figure is the median round."""
+    import copy
+    import statistics
+
+    register_attention("memwise_kvprune_fanout", fanout_attention)
+    specs = {n: setting(n) for n in names}
+    caches = {n: make_cache(model, install=False, **s) for n, s in specs.items() if s}
+    dense = DynamicCache(config=model.config)
+    set_attention_implementation(model, "memwise_kvprune_fanout")
+    fan_out = FanOutCache(list(caches.values()), dense)
+    model(input_ids=torch.tensor([ids]), use_cache=True, **{cache_kwarg("model"): fan_out})
+    feed = torch.randint(0, model.config.vocab_size, (steps,), generator=torch.Generator().manual_seed(0))
+    times: dict = {n: [] for n in names}
+    for rep in range(reps + 1):
+        for n in names:
+            cache = copy.deepcopy(caches.get(n, dense))
+            start = time.perf_counter()
+            for t in feed:
+                model(input_ids=t.view(1, 1), use_cache=True, **{cache_kwarg("model"): cache})
+            if rep:
+                times[n].append(time.perf_counter() - start)
+    base = statistics.median(times[names[0]])
+    return [{"setting": n, "tokens_per_s": round(steps / statistics.median(t), 2),
+             "x_full": round(base / statistics.median(t), 3)} for n, t in times.items()]
+
+
 def load_model(folder: Path) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -276,7 +307,12 @@ def main() -> None:
     e.add_argument("--limit", type=int, default=None, help="first N prompts only")
     e.add_argument("--quick", action="store_true", help="10 prompts (one per filler and depth)")
     e.add_argument("--new", type=int, default=16, help="most tokens decoded per answer")
-    for q in (p, e):
+    t = sub.add_parser("timing", help="decode tokens/s of each setting against the full cache, interleaved")
+    t.add_argument("--length", type=int, default=1024)
+    t.add_argument("--settings", nargs="+", default=["full", "fp8", "think0.5", "snapkv0.3", "think0.5+snapkv0.3+fp8"])
+    t.add_argument("--steps", type=int, default=16, help="tokens decoded per round")
+    t.add_argument("--reps", type=int, default=5, help="timed rounds (after one warm-up round)")
+    for q in (p, e, t):
         q.add_argument("--model", type=Path, default=None)
         q.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -292,6 +328,16 @@ def main() -> None:
             print(f"{length}: {len(sizes)} prompts, {min(sizes)}-{max(sizes)} tokens")
         return
     data = torch.load(args.out / f"prompts-{args.length}.pt", weights_only=True)
+    if args.cmd == "timing":
+        if args.settings[0] != "full":
+            raise SystemExit("timing: the first setting is the reference and must be 'full'")
+        rows = timing(load_model(folder), data["rows"][0]["ids"], args.settings, args.steps, args.reps)
+        meta = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "length": args.length,
+                "steps": args.steps, "reps": args.reps, "torch": torch.__version__}
+        for r in rows:
+            print(json.dumps(r))
+        (args.out / f"timing-{args.length}.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=1))
+        return
     if args.quick:  # one key per filler and depth
         data["rows"] = data["rows"][::len(data["rows"]) // (2 * len(DEPTHS))]
     model = load_model(folder)

@@ -165,3 +165,20 @@ def test_fp8_widen_times_scale_is_decode_for_every_byte(fmt):
         assert wide.dtype == out_dtype
         assert torch.equal(wide.float() * 2.0 ** (127 - (7 if fmt == "e4m3" else 15)), payload.float())
         torch.testing.assert_close(wide.float() * s[..., None], rows.decode(torch.float32), rtol=0, atol=0)
+
+
+def test_validate_warns_outside_the_measured_safe_range():
+    from memwise_kvprune.safety import MEASURED
+
+    safe = MEASURED[0]
+    ctx = memwise.RunContext(stage="generate", model=tiny_llama())
+    ok = KVPrunePlugin(think_ratio=safe.max_think, eviction="snapkv", budget=safe.min_snapkv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ok.memwise_validate(ctx=ctx) == []
+    risky = KVPrunePlugin(think_ratio=0.75, eviction="snapkv", budget=0.2)
+    with pytest.warns(UserWarning, match="think_ratio 0.75 is above") as caught:
+        assert risky.memwise_validate(ctx=ctx) == []
+    assert any("snapkv budget 0.2 is below" in str(w.message) for w in caught)
+    assert KVPrunePlugin(eviction="streaming").warn_unsafe(135_000_000)[0].startswith("streaming eviction")
+    assert risky.warn_unsafe(safe.max_params + 1) == []  # larger models: nothing measured, nothing said

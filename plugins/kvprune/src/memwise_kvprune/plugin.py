@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
 import memwise
@@ -80,7 +81,18 @@ class KVPrunePlugin(memwise.Plugin):
         if not can_set():
             return [Problem("kvprune", f"{type(model).__name__} does not dispatch attention through "
                             "AttentionInterface, so the pruned cache cannot be read: use a model that does")]
+        self.warn_unsafe(sum(p.numel() for p in model.parameters()))
         return []
+
+    def warn_unsafe(self, params: int) -> list[str]:
+        """Warn (not fail) for each setting outside the range measured to keep retrieval at this model size."""
+        from memwise_kvprune.safety import unsafe_settings
+
+        c = self.config
+        found = unsafe_settings(params, c.think_ratio, c.eviction, c.budget)
+        for message in found:
+            warnings.warn(f"kvprune: {message}", UserWarning, stacklevel=2)
+        return found
 
     def predict_callback(self) -> object:
         """A Lightning callback giving each predict batch a fresh pruned cache (``pl_module.generate_kwargs``)."""
