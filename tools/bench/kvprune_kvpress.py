@@ -11,6 +11,7 @@ saved, so both scripts score the same sequences with the same teacher-forced pro
     /tmp/kvpress-venv/bin/python tools/bench/kvprune_kvpress.py   # writes runs/kvprune/bench/kvpress.json
     python tools/bench/kvprune_retrieval.py prompts               # writes runs/kvprune/retrieval/prompts-L.pt
     /tmp/kvpress-venv/bin/python tools/bench/kvprune_kvpress.py retrieval --length 1024 [--quick]
+    /tmp/kvpress-venv/bin/python tools/bench/kvprune_kvpress.py dump --length 1024   # kept tokens/channels
 
 Retrieval: every press compresses the same prefill (one SDPA prefill per prompt; a forward
 hook on each attention layer hands each press a copy of the layer's keys and values, as
@@ -175,9 +176,39 @@ def retrieval(args: argparse.Namespace) -> None:
                                     "meta": meta}, indent=1))
 
 
+@torch.no_grad()
+def dump(args: argparse.Namespace) -> None:
+    """For one prompt, what SnapKVPress and ThinKPress keep in each layer: token indices (found by matching
+    the kept key rows against the layer's full keys) and pruned channels (the all-zero key columns)."""
+    data = torch.load(f"{args.prompts}/prompts-{args.length}.pt", weights_only=True)
+    row = data["rows"][args.index]
+    model = LlamaForCausalLM.from_pretrained(data["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
+    snap, think = SnapKVPress(compression_ratio=0.7, window_size=32, kernel_size=7), ThinKPress(0.5, window_size=32)
+    found: dict = {"tokens": [], "pruned_channels": []}
+
+    def hook(module: torch.nn.Module, inputs: tuple, kwargs: dict, output: tuple) -> tuple:
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        full = layer.keys
+        kept, _ = snap.compress(module, kwargs["hidden_states"], full.clone(), layer.values.clone(), None, kwargs)
+        same = (kept[:, :, :, None, :] == full[:, :, None, :, :]).all(-1)  # [B, H, kept, L]
+        found["tokens"].append(same.float().argmax(-1).sort(-1).values[0])
+        zeroed, _ = think.compress(module, kwargs["hidden_states"], full.clone(), layer.values.clone(), None, kwargs)
+        found["pruned_channels"].append(zeroed.eq(0).all(dim=2)[0])
+        return output
+
+    hooks = []
+    for layer in model.model.layers:
+        layer.self_attn.rotary_emb = model.model.rotary_emb
+        hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+    model(input_ids=torch.tensor([row["ids"]]), past_key_values=DynamicCache(config=model.config), use_cache=True)
+    for h in hooks:
+        h.remove()
+    torch.save({k: torch.stack(v) for k, v in found.items()}, Path(args.prompts) / f"kvpress-kept-{args.length}.pt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="recall", choices=["recall", "retrieval"])
+    parser.add_argument("mode", nargs="?", default="recall", choices=["recall", "retrieval", "dump"])
     parser.add_argument("--weights", default="runs/kvprune/recall/model")
     parser.add_argument("--heldout", default="runs/kvprune/bench/heldout.pt")
     parser.add_argument("--out", default="runs/kvprune/bench")
@@ -187,10 +218,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="retrieval: 10 prompts (one per filler and depth)")
     parser.add_argument("--limit", type=int, default=None, help="retrieval: first N prompts only")
     parser.add_argument("--new", type=int, default=16, help="retrieval: most tokens decoded per answer")
+    parser.add_argument("--index", type=int, default=0, help="dump: the prompt whose kept tokens are saved")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
-    if args.mode == "retrieval":
-        retrieval(args)
+    if args.mode in ("retrieval", "dump"):
+        (retrieval if args.mode == "retrieval" else dump)(args)
         return
     held = torch.load(args.heldout, weights_only=True)
     ids, answer, prompt, window = held["ids"], held["answer"], int(held["prompt"]), int(held["window"])

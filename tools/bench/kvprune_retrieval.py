@@ -3,6 +3,7 @@
     python tools/bench/kvprune_retrieval.py prompts --lengths 1024 2048 4096   # runs/kvprune/retrieval/prompts-L.pt
     python tools/bench/kvprune_retrieval.py eval --length 1024 [--quick] [--settings full think0.5 ...]
     python tools/bench/kvprune_retrieval.py timing --length 1024      # decode tokens/s against the full cache
+    python tools/bench/kvprune_retrieval.py compare --length 1024     # kept tokens/channels beside kvpress's dump
     /tmp/kvpress-venv/bin/python tools/bench/kvprune_kvpress.py retrieval --length 1024   # kvpress, same prompts
 
 Each prompt is SmolLM2-135M-Instruct's chat template around one user message: an
@@ -289,6 +290,31 @@ def timing(model: LlamaForCausalLM, ids: list[int], names: list[str], steps: int
              "x_full": round(base / statistics.median(t), 3)} for n, t in times.items()]
 
 
+@torch.no_grad()
+def compare(model: LlamaForCausalLM, ids: list[int], kvpress_kept: dict) -> list[dict]:
+    """Per layer, memwise's SnapKV (keeping 30%) and ThinK 0.5 choices beside kvpress's on the same prompt:
+    mean over KV heads of the kept-token Jaccard index and of the kept-channel overlap."""
+    register_attention("memwise_kvprune_fanout", fanout_attention)
+    snap = make_cache(model, install=False, eviction=Eviction("snapkv", 0.3))
+    think = make_cache(model, install=False, think=ThinK(0.5))
+    set_attention_implementation(model, "memwise_kvprune_fanout")
+    fan_out = FanOutCache([snap, think], DynamicCache(config=model.config))
+    model(input_ids=torch.tensor([ids]), use_cache=True, **{cache_kwarg("model"): fan_out})
+    rows = []
+    for i, (s_layer, t_layer) in enumerate(zip(snap.layers, think.layers)):
+        ours = s_layer.positions[0].long()
+        theirs = kvpress_kept["tokens"][i]
+        jaccard = []
+        for a, b in zip(ours.tolist(), theirs.tolist()):
+            jaccard.append(len(set(a) & set(b)) / len(set(a) | set(b)))
+        kept = ~kvpress_kept["pruned_channels"][i]  # [H, D]
+        channels = [len(set(c) & set(kept[h].nonzero().flatten().tolist())) / len(c)
+                    for h, c in enumerate(t_layer.channels[0].long().tolist())]
+        rows.append({"layer": i, "snapkv_token_jaccard": round(sum(jaccard) / len(jaccard), 3),
+                     "think_channel_overlap": round(sum(channels) / len(channels), 3)})
+    return rows
+
+
 def load_model(folder: Path) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -312,7 +338,9 @@ def main() -> None:
     t.add_argument("--settings", nargs="+", default=["full", "fp8", "think0.5", "snapkv0.3", "think0.5+snapkv0.3+fp8"])
     t.add_argument("--steps", type=int, default=16, help="tokens decoded per round")
     t.add_argument("--reps", type=int, default=5, help="timed rounds (after one warm-up round)")
-    for q in (p, e, t):
+    c = sub.add_parser("compare", help="kept tokens and channels per layer beside kvpress's (after its dump)")
+    c.add_argument("--length", type=int, default=1024)
+    for q in (p, e, t, c):
         q.add_argument("--model", type=Path, default=None)
         q.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -328,6 +356,13 @@ def main() -> None:
             print(f"{length}: {len(sizes)} prompts, {min(sizes)}-{max(sizes)} tokens")
         return
     data = torch.load(args.out / f"prompts-{args.length}.pt", weights_only=True)
+    if args.cmd == "compare":
+        theirs = torch.load(args.out / f"kvpress-kept-{args.length}.pt", weights_only=True)
+        rows = compare(load_model(folder), data["rows"][0]["ids"], theirs)
+        for r in rows:
+            print(json.dumps(r))
+        (args.out / f"compare-{args.length}.json").write_text(json.dumps({"rows": rows}, indent=1))
+        return
     if args.cmd == "timing":
         if args.settings[0] != "full":
             raise SystemExit("timing: the first setting is the reference and must be 'full'")
