@@ -150,3 +150,28 @@ def test_streaming_sinks_are_first_real_tokens(model):
     assert positions[1, :, :3].tolist() == [[7, 8, 9]] * 2
     recent = list(range(ids.shape[1] - (keep - 3), ids.shape[1]))
     assert positions[1, 0, 3:-1].tolist() == recent
+
+
+def test_snapkv_keeps_a_prompt_within_its_window_whole(model):
+    """A prompt no longer than observe + sinks is not evicted: same tokens and logits as DynamicCache."""
+    ids, mask = prompts(batch=1, length=20)
+    want, want_logits = greedy_loop(model, ids, mask, dynamic_cache(model))
+    with pruned_generation(model, eviction=Eviction("snapkv", 0.3, observe=16, sinks=4)) as cache:
+        got, got_logits = greedy_loop(model, ids, mask, cache)
+    assert cache.layers[0].positions is None and cache.layers[0].stored_tokens() == 20 + 6
+    assert torch.equal(got, want)
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b)
+
+
+def test_snapkv_keeps_sinks_window_and_at_least_both(model):
+    ids, mask = prompts(pad=7)
+    length = ids.shape[1]
+    ev = Eviction("snapkv", 0.1, observe=8, sinks=3)  # 10% of 40 is below observe + sinks = 11
+    with pruned_generation(model, eviction=ev) as cache:
+        greedy_loop(model, ids, mask, cache, new=1)
+    positions = cache.layers[0].positions.long()[..., :-1]  # the prompt's survivors
+    assert positions.shape[-1] == 11
+    assert positions[0, :, :3].tolist() == [[0, 1, 2]] * 2  # row 1 starts after 7 pads
+    assert positions[1, :, :3].tolist() == [[7, 8, 9]] * 2
+    assert positions[:, :, -8:].tolist() == [[list(range(length - 8, length))] * 2] * 2

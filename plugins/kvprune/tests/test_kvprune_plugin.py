@@ -149,3 +149,36 @@ def test_validate_rejects_a_model_without_pluggable_attention():
     assert plugin.memwise_validate(ctx=memwise.RunContext(stage="generate", model=tiny_llama())) == []
     (problem,) = plugin.memwise_validate(ctx=memwise.RunContext(stage="generate", model=torch.nn.Linear(2, 2)))
     assert problem.key == "kvprune" and "pluggable attention" in problem.message
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_widen_times_scale_is_decode_for_every_byte(fmt):
+    """The bit-shift widening is exact for all 256 codes (subnormals and zeros too), in fp32 and bf16."""
+    dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    finite = codes.float().isfinite()
+    payload = codes[finite].reshape(1, 1, -1, 1).expand(1, 1, -1, 4).contiguous()
+    scale = torch.rand(1, 1, payload.shape[2], 1).to(torch.bfloat16)
+    rows = FP8Rows(payload, scale)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        wide, s = rows.widen(out_dtype)
+        assert wide.dtype == out_dtype
+        assert torch.equal(wide.float() * 2.0 ** (127 - (7 if fmt == "e4m3" else 15)), payload.float())
+        torch.testing.assert_close(wide.float() * s[..., None], rows.decode(torch.float32), rtol=0, atol=0)
+
+
+def test_validate_warns_outside_the_measured_safe_range():
+    from memwise_kvprune.safety import MEASURED
+
+    safe = MEASURED[0]
+    ctx = memwise.RunContext(stage="generate", model=tiny_llama())
+    ok = KVPrunePlugin(think_ratio=safe.max_think, eviction="snapkv", budget=safe.min_snapkv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ok.memwise_validate(ctx=ctx) == []
+    risky = KVPrunePlugin(think_ratio=0.75, eviction="snapkv", budget=0.2)
+    with pytest.warns(UserWarning, match="think_ratio 0.75 is above") as caught:
+        assert risky.memwise_validate(ctx=ctx) == []
+    assert any("snapkv budget 0.2 is below" in str(w.message) for w in caught)
+    assert KVPrunePlugin(eviction="streaming").warn_unsafe(135_000_000)[0].startswith("streaming eviction")
+    assert risky.warn_unsafe(safe.max_params + 1) == []  # larger models: nothing measured, nothing said

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from memwise_kvprune import compat
+from memwise_kvprune.fp8store import FP8Rows
 from memwise_kvprune.layer import PrunedLayer, PrunedView, visible_mask
 
 NAME = "memwise_kvprune"
@@ -42,16 +43,17 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
     b, hq, s, d = query.shape
     h = layer.window_k.shape[1]
     q = query.reshape(b, h, hq // h, s, d)
-    pruned = layer.pruned_keys()
     if layer.channels is not None:
         index = layer.channels.long()[:, :, None, None, :].expand(-1, -1, hq // h, s, -1)
         q_kept = q.gather(-1, index)
     else:
         q_kept = q
-    scores = torch.cat([
-        torch.einsum("bhgsc,bhtc->bhgst", q_kept, pruned),
-        torch.einsum("bhgsd,bhtd->bhgst", q, layer.window_k),
-    ], dim=-1).float() * scaling
+    if isinstance(layer.pruned_k, FP8Rows):  # q . (rows * s_t) = (q . rows) * s_t: scale the scores, not the keys
+        rows, k_scale = layer.pruned_k.widen(query.dtype)
+        pruned = torch.einsum("bhgsc,bhtc->bhgst", q_kept, rows).float() * k_scale[:, :, None, None, :]
+    else:
+        pruned = torch.einsum("bhgsc,bhtc->bhgst", q_kept, layer.pruned_k).float()
+    scores = torch.cat([pruned, torch.einsum("bhgsd,bhtd->bhgst", q, layer.window_k).float()], dim=-1) * scaling
     stored = scores.shape[-1]
     visible = visible_mask(attention_mask, b, s, layer.seen, layer.seen, query.device)  # [B, 1, S, seen]
     if layer.positions is None:
@@ -60,8 +62,12 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
         pos = layer.positions.long()[:, :, None, :].expand(-1, -1, s, -1)
         visible = visible.expand(-1, h, -1, -1).gather(-1, pos)
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
-    probs = scores.softmax(dim=-1).to(layer.dtype)
-    out = torch.einsum("bhgst,bhtd->bhgsd", probs, layer.values_dense())
+    probs = scores.softmax(dim=-1)
+    if isinstance(layer.vals, FP8Rows):
+        rows, v_scale = layer.vals.widen(layer.dtype)
+        out = torch.einsum("bhgst,bhtd->bhgsd", (probs * v_scale[:, :, None, None, :]).to(layer.dtype), rows)
+    else:
+        out = torch.einsum("bhgst,bhtd->bhgsd", probs.to(layer.dtype), layer.vals)
     return out.reshape(b, hq, s, d).transpose(1, 2).contiguous()
 
 

@@ -8,10 +8,18 @@ from memwise_kvprune.specs import FP8, Eviction, ThinK
 
 
 def kept_prompt_tokens(prompt: int, eviction: Eviction | None) -> int:
-    """Tokens of a ``prompt``-token prompt kept per KV head: ceil(budget x prompt), at least 1."""
+    """Tokens of a ``prompt``-token prompt kept per KV head: ceil(budget x prompt), at least 1.
+
+    SnapKV keeps at least its observation window plus ``sinks`` prefix tokens: the window
+    is never evicted (it is what votes), and a prompt no longer than that is kept whole,
+    since evicting there would drop its first tokens (BOS, the attention sink) first.
+    """
     if eviction is None:
         return prompt
-    return min(prompt, max(1, math.ceil(eviction.budget * prompt - 1e-9)))
+    keep = max(1, math.ceil(eviction.budget * prompt - 1e-9))
+    if eviction.policy == "snapkv":
+        keep = max(keep, eviction.observe + eviction.sinks)
+    return min(prompt, keep)
 
 
 def predict_nbytes(layers: int, batch: int, kv_heads: int, head_dim: int, prompt: int, decoded: int,

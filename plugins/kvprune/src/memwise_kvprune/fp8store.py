@@ -33,6 +33,19 @@ class FP8Rows:
     def decode(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.payload.float() * self.scale.float()).to(dtype)
 
+    def widen(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, scale)`` with ``rows * scale`` equal to :meth:`decode`, cheaply, for attention to fold
+        ``scale`` [..., T] (fp32) into its scores and probabilities instead of scaling every element.
+
+        An FP8 number's bits, shifted into a bf16's exponent and mantissa fields, are that number
+        times 2^(127 - bias), subnormals included; the power of two goes into ``scale``. Integer
+        shifts run about 4x faster on CPU than torch's FP8 cast, which made FP8 decoding 0.4x.
+        """
+        shift, bias = (4, 7) if self.payload.dtype == torch.float8_e4m3fn else (5, 15)
+        b = self.payload.view(torch.uint8).to(torch.int16)
+        rows = (((b & 0x80) << 8) | ((b & 0x7F) << shift)).view(torch.bfloat16)
+        return rows.to(dtype), self.scale.squeeze(-1).float() * 2.0 ** (127 - bias)
+
     def cat(self, other: FP8Rows) -> FP8Rows:
         """Append ``other``'s tokens (dim -2); fp8 tensors are concatenated through a uint8 view."""
         payload = torch.cat([self.payload.view(torch.uint8), other.payload.view(torch.uint8)], dim=-2)

@@ -18,7 +18,6 @@ transformers lines up with ``positions``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from memwise_kvprune import scoring
+from memwise_kvprune.bytes import kept_prompt_tokens
 from memwise_kvprune.fp8store import FP8Rows
 from memwise_kvprune.specs import FP8, Eviction, ThinK
 
@@ -133,13 +133,14 @@ class PrunedLayer(CacheLayerMixin):
         valid = visible[:, 0, -1, :]  # the last query sees every real token of its row
         self.prompt_length = length
         if self.eviction is not None:
-            keep = min(length, max(1, math.ceil(self.eviction.budget * length - 1e-9)))
+            keep = kept_prompt_tokens(length, self.eviction)
             if keep < length:
                 ev = self.eviction
-                if ev.policy == "snapkv":
-                    obs = min(ev.observe, length)
+                if ev.policy == "snapkv":  # here length > keep >= observe + sinks
+                    obs = ev.observe
                     scores = scoring.snapkv_scores(q[..., -obs:, :], keys, visible[:, :, -obs:, :], scaling, ev.kernel)
-                    always = min(obs, keep)
+                    scores = scoring.with_sinks(scores, valid, ev.sinks)
+                    always = obs
                 else:
                     scores = scoring.streaming_scores(valid, h, ev.sinks)
                     always = 0
@@ -201,13 +202,6 @@ class PrunedLayer(CacheLayerMixin):
 
     def _store_values(self, values: torch.Tensor) -> Any:
         return FP8Rows.encode(values, self.fp8.format) if self.fp8 else values.contiguous()
-
-    def pruned_keys(self) -> torch.Tensor:
-        """The pruned store in the model dtype, [B, H, Tp, Dk]."""
-        return self.pruned_k.decode(self.dtype) if isinstance(self.pruned_k, FP8Rows) else self.pruned_k
-
-    def values_dense(self) -> torch.Tensor:
-        return self.vals.decode(self.dtype) if isinstance(self.vals, FP8Rows) else self.vals
 
     def stored_tokens(self) -> int:
         return _tokens(self.vals)

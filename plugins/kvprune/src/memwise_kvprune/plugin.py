@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
 import memwise
@@ -26,7 +27,7 @@ class KVPrunePlugin(memwise.Plugin):
         fold_every: int = option(0, "prune the oldest window tokens every N decoded tokens (0: never)")
         eviction: Literal["none", "streaming", "snapkv"] = option("none", "token eviction policy at prefill")
         budget: float = option(0.5, "fraction of the prompt's tokens kept per KV head when evicting")
-        sinks: int = option(4, "streaming: first non-pad tokens always kept")
+        sinks: int = option(4, "streaming and snapkv: first non-pad tokens always kept")
         evict_observe: int = option(32, "snapkv: last prompt tokens whose attention votes")
         kernel: int = option(7, "snapkv: width of the average pooling of votes (odd)")
         fp8: Literal["none", "e4m3", "e5m2"] = option("none", "FP8 storage of pruned keys and values")
@@ -86,7 +87,18 @@ class KVPrunePlugin(memwise.Plugin):
         if not can_set():
             return [Problem("kvprune", f"{type(model).__name__} does not dispatch attention through "
                             "AttentionInterface, so the pruned cache cannot be read: use a model that does")]
+        self.warn_unsafe(sum(p.numel() for p in model.parameters()))
         return []
+
+    def warn_unsafe(self, params: int) -> list[str]:
+        """Warn (not fail) for each setting outside the range measured to keep retrieval at this model size."""
+        from memwise_kvprune.safety import unsafe_settings
+
+        c = self.config
+        found = unsafe_settings(params, c.think_ratio, c.eviction, c.budget)
+        for message in found:
+            warnings.warn(f"kvprune: {message}", UserWarning, stacklevel=2)
+        return found
 
     def predict_callback(self) -> object:
         """A Lightning callback giving each predict batch a fresh pruned cache (``pl_module.generate_kwargs``)."""

@@ -46,15 +46,23 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tens
     return votes
 
 
+def sink_mask(valid: torch.Tensor, sinks: int) -> torch.Tensor:
+    """The first ``sinks`` non-pad tokens of each row: [B, L] bool."""
+    return valid & (valid.long().cumsum(-1) <= sinks)
+
+
 def streaming_scores(valid: torch.Tensor, heads: int, sinks: int) -> torch.Tensor:
     """Sinks (the first ``sinks`` non-pad tokens of each row) first, then recency: [B, H, L]."""
     length = valid.shape[-1]
-    rank_in_row = valid.long().cumsum(-1)
-    is_sink = valid & (rank_in_row <= sinks)
     recency = torch.arange(length, device=valid.device, dtype=torch.float32) / max(length, 1)
     score = recency.expand_as(valid).clone()
-    score = torch.where(is_sink, torch.full_like(score, 2.0), score)
+    score = torch.where(sink_mask(valid, sinks), torch.full_like(score, 2.0), score)
     return score[:, None, :].expand(-1, heads, -1)
+
+
+def with_sinks(scores: torch.Tensor, valid: torch.Tensor, sinks: int) -> torch.Tensor:
+    """``scores`` [B, H, L] with the first ``sinks`` real tokens of each row ranked above every other."""
+    return scores.masked_fill(sink_mask(valid, sinks)[:, None, :], float("inf"))
 
 
 def select_tokens(scores: torch.Tensor, valid: torch.Tensor, keep: int, always_last: int) -> torch.Tensor:

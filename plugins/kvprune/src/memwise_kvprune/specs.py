@@ -37,9 +37,10 @@ class Eviction:
 
     The budget counts the whole prompt (sinks and windows included). ``streaming`` keeps
     ``sinks`` first non-pad tokens plus the most recent ones; ``snapkv`` keeps the
-    ``observe`` last tokens plus the prefix tokens the observation window attends to most
-    (scores summed over the window and the query heads of a group, average-pooled with
-    ``kernel``).
+    ``observe`` last tokens, the ``sinks`` first non-pad tokens, and the prefix tokens the
+    observation window attends to most (scores summed over the window and the query heads
+    of a group, average-pooled with ``kernel``). SnapKV never keeps fewer than
+    ``observe + sinks`` tokens, so a prompt that short is not evicted at all.
     """
 
     policy: Literal["streaming", "snapkv"] = "snapkv"
