@@ -2,7 +2,9 @@
 checkpointing, Mesa, offload, offload + Mesa, chunked CE and the full composition
 (COAT optimizer + Mesa + chunked CE + offload), each category, end-to-end peak, step time.
 
-    python tools/bench/activations.py [--time] [--vocab 260,32768]
+    python tools/bench/activations.py [--time] [--vocab 32768,260] [--only a,b]
+    python tools/bench/activations.py --head        # LM head + loss alone at SmolLM2's shapes
+    python tools/bench/activations.py --tiny-time   # step-time ratios on tiny's shape, 32k vocabulary
 
 Memory is measured exactly with MemTracker on a probe step (DESIGN.md section 7); host bytes
 (offload) come from the host ledger, counted for this variant only. Step times are medians of
@@ -37,6 +39,69 @@ VARIANTS = {
 }
 
 
+def head_share(tokens: int, hidden: int, vocab: int) -> None:
+    """The LM head + loss alone under MemTracker: peak bytes above the hidden states, the weight
+    and their gradients (which both paths hold), HF's path (linear + cross-entropy) vs chunked."""
+    import torch
+    import torch.nn.functional as F
+
+    from memwise.memory import _tracker
+    from memwise_chunked_ce import auto_chunk_size, chunked_linear_cross_entropy
+
+    def peak(fn) -> int:
+        torch.manual_seed(0)
+        h = torch.randn(tokens, hidden, requires_grad=True)
+        w = torch.nn.Parameter(torch.randn(vocab, hidden) / hidden ** 0.5)
+        t = torch.randint(0, vocab, (tokens,))
+        mt = _tracker()
+        mt.track_external(w, h, t)
+        with mt:
+            fn(h, w, t).backward()
+        held = sum(x.numel() * 4 for x in (h, w, h.grad, w.grad))
+        return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - held
+
+    base = peak(lambda h, w, t: F.cross_entropy(F.linear(h, w), t))
+    chunked = peak(lambda h, w, t: chunked_linear_cross_entropy(h, w, t))
+    chunk = auto_chunk_size(tokens, hidden, vocab)
+    print(f"head + loss alone, {tokens} tokens, hidden {hidden}, vocabulary {vocab} (chunk {chunk}): "
+          f"{base / 2**20:,.1f} MiB -> {chunked / 2**20:,.1f} MiB ({base / chunked:.1f}x)\n")
+
+
+def tiny_times(vocab: int, batch: int, seq: int) -> None:
+    """Step time ratios on `tiny`'s model shape (hidden 256, 4 layers) with one fixed batch, interleaved."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memwise_chunked_ce import apply_chunked_ce
+    from memwise_offload import apply_offload
+
+    def model(apply=None):
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=688, vocab_size=vocab,
+                                         pad_token_id=None))
+        if apply:
+            apply(m)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        ids = torch.randint(0, 260, (batch, seq))
+
+        def step() -> None:
+            m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    fns = {"baseline": model(), "chunked_ce": model(apply_chunked_ce), "offload": model(apply_offload),
+           "offload fraction 0.5": model(lambda m: apply_offload(m, fraction=0.5)),
+           "checkpoint-like (offload fraction 0)": model(lambda m: apply_offload(m, fraction=0.0))}
+    t = interleaved(fns)
+    print(f"step time on tiny's shape, vocabulary {vocab}, batch {batch} x {seq} (median of 5 interleaved; "
+          f"baseline {t['baseline']:.2f} s):\n\n| variant | step time / baseline |\n|---|---|")
+    for name, sec in t.items():
+        print(f"| {name} | {sec / t['baseline']:.2f} |")
+
+
 def main() -> None:
     from memwise.memory import HOST
 
@@ -44,7 +109,15 @@ def main() -> None:
     parser.add_argument("--time", action="store_true", help="also time steps (slow)")
     parser.add_argument("--vocab", default="32768,260", help="vocabulary sizes of `small` to run")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--head", action="store_true", help="only the LM head + loss at SmolLM2's shapes")
+    parser.add_argument("--tiny-time", action="store_true", help="only step-time ratios on tiny's shape")
     args = parser.parse_args()
+    if args.head:
+        head_share(1024, 576, 49152)
+        return
+    if args.tiny_time:
+        tiny_times(32768, 4, 256)
+        return
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     print(f"machine: {machine()}\n")
     for vocab in [int(v) for v in args.vocab.split(",")]:

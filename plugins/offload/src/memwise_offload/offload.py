@@ -260,13 +260,6 @@ def _offloaded(layer: torch.nn.Module, forward: Any, offloader: Offloader, fract
     return _join_rows(swapped(0, swap), recomputed(swap, rows))
 
 
-@dataclass(frozen=True)
-class OffloadSettings:
-    layers: Any = "all"
-    fraction: float = 1.0
-    prefetch: int = 1
-
-
 def select_layers(model: torch.nn.Module, layers: Any) -> list[tuple[str, torch.nn.Module]]:
     """The decoder layers named by ``layers`` ('all' or indices; negative indices count from the end)."""
     found = decoder_layers(model)
