@@ -383,7 +383,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from memwise import planner
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     budget = planner.parse_bytes(args.budget)
     problems = planner.check_args(budget, args.devices, args.seq_len, args.batch_size)
     if problems:
@@ -411,7 +411,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     Console(highlight=False, width=max(console.width, 150)).print(table)  # never cut the labels
     for note in notes:
         console.print(f"  {note}")
-    console.print(f"planned {len(rows)} combination(s) in {time.perf_counter() - start:.1f} s")
+    console.print(f"planned {len(rows)} combination(s) in {time.perf_counter() - start:.1f} s "
+                  f"({time.process_time() - cpu:.1f} s CPU)")
     if args.write:
         best = next((c for c in rows if c.fits), None)
         if best is None:

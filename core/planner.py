@@ -23,7 +23,7 @@ import torch
 from memwise import manager, memory, plan
 from memwise.context import RunContext, Workload
 from memwise.errors import MemwiseError, Problem, RecipeError
-from memwise.memory import CATEGORIES, MemoryEstimate
+from memwise.memory import MemoryEstimate
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -49,7 +49,6 @@ class Target:
     seq_len: int = 2048
     batch_size: int = 1
     precision: str = "bf16-mixed"
-    recipe_model: dict = field(default_factory=dict)
 
 
 def _read_config(file: Path) -> dict:
@@ -72,7 +71,7 @@ def load_target(model: str) -> Target:
     """MODEL as a HF folder, a config.json file or a recipe (file or shipped name)."""
     path = Path(model)
     if path.is_dir():
-        return Target(_read_config(path / "config.json"), model, "folder", recipe_model={"path": str(path)})
+        return Target(_read_config(path / "config.json"), model, "folder")
     if path.suffix == ".json":
         if not path.is_file():
             raise MemwiseError(f"model config '{model}' does not exist")
@@ -90,8 +89,7 @@ def load_target(model: str) -> Target:
     else:
         config = {"vocab_size": BYTE_VOCAB, **(m.get("config") or {})}
     return Target(config, model, "recipe", seq_len=int(data.get("seq_len", 256)),
-                  batch_size=int(data.get("batch_size", 16)), precision=trainer.get("precision", "32-true"),
-                  recipe_model=m)
+                  batch_size=int(data.get("batch_size", 16)), precision=trainer.get("precision", "32-true"))
 
 
 def meta_model(config: dict) -> torch.nn.Module:
@@ -380,7 +378,3 @@ def check_args(budget: int, devices: int, seq_len: int | None, batch_size: int |
         if value is not None and value < 1:
             problems.append(Problem(key, f"must be at least 1, got {value}"))
     return problems
-
-
-def categories(cand: Candidate) -> dict[str, int]:
-    return {c: getattr(cand.estimate, c) for c in CATEGORIES}

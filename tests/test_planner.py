@@ -84,6 +84,7 @@ def _llama_params(h: int, inter: int, layers: int, heads: int, kv: int, vocab: i
     return 2 * vocab * h + layers * per_layer + h, 3 + 9 * layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dims, billions", [
     ("llama-3.1-8b", (4096, 14336, 32, 32, 8, 128256), 8.03),
     ("llama-3.1-70b", (8192, 28672, 80, 64, 8, 128256), 70.55)])
