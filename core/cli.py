@@ -250,7 +250,7 @@ def _train(run: Any, args: argparse.Namespace) -> int:
         return 0
     run.host.hook.memwise_on_fit_end(ctx=run.ctx)
     mem: dict[str, Any] = {"predicted": rows[-1][1].as_dict(),
-                           "predicted_steps": [{"label": lbl, **est.as_dict(), "note": note} for lbl, est, note in rows]}
+                           "predicted_steps": [{"label": lbl, **e.as_dict(), "note": note} for lbl, e, note in rows]}
     if run.cfg.report.probe_memory:
         measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
         mem["measured"] = {**measured.as_dict(), "headline": measured.headline()}
