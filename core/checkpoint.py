@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from memwise import manager
-from memwise.errors import InputError, MemwiseError, WriteError
+from memwise.errors import InputError, WriteError
 from memwise.files import write_failure
 from memwise.hookspecs import HOOK_API
 

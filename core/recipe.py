@@ -326,7 +326,8 @@ def to_plain(cfg: DictConfig | ListConfig | dict, allow_resolvers: bool = False)
             return OmegaConf.to_container(cfg, resolve=True)
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "recipe"
-            raise RecipeError([Problem(str(key), f"an interpolation cannot be resolved: {err.msg if hasattr(err, 'msg') else err}")]) from None
+            why = getattr(err, "msg", None) or str(err)
+            raise RecipeError([Problem(str(key), f"an interpolation cannot be resolved: {why}")]) from None
     return copy.deepcopy(cfg)
 
 

@@ -137,7 +137,8 @@ class MemwiseCallback(pl.Callback):
         states = {p.name: s for p, s in self.host.each("memwise_state_dict", ctx=self.ctx) if s is not None}
         return {"manifest": manifest(self.host.plugins), "plugins": states}
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         """Every memwise manifest in the checkpoint, whichever callback wrote it, against this plan:
         a checkpoint made with a ``required_on_load`` plugin that this Trainer lacks is refused
         before its optimizer state reaches another optimizer."""

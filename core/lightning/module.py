@@ -94,7 +94,8 @@ class RecipeModule(pl.LightningModule):
         t = self.run.cfg.trainer
         opt.zero_grad(set_to_none=True)
         step = int(self.trainer.global_step) + 1
-        what = f"the loss is {float(loss.detach())}" if not torch.isfinite(loss.detach()).all() else "the gradients hold NaN/inf"
+        bad_loss = not torch.isfinite(loss.detach()).all()
+        what = f"the loss is {float(loss.detach())}" if bad_loss else "the gradients hold NaN/inf"
         if t.on_nonfinite == "skip":
             for b, saved in zip(self.model.buffers(), buffers or []):
                 b.copy_(saved)
@@ -121,7 +122,8 @@ class RecipeModule(pl.LightningModule):
         self.targets_seen += target_count(batch) * world
         step = int(self.trainer.global_step)
         row = {"step": step, "train_loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
-               "tokens": self.tokens_seen, "nonfinite_skips": self.nonfinite_skips, "targets": self.targets_seen, "seq_len": int(batch["input_ids"].shape[1]),
+               "tokens": self.tokens_seen, "nonfinite_skips": self.nonfinite_skips, "targets": self.targets_seen,
+               "seq_len": int(batch["input_ids"].shape[1]),
                "elapsed_s": round(self._elapsed_before + time.perf_counter() - self._start, 3)}
         every = self.run.cfg.trainer.val_every_n_steps
         if step % every == 0 or step == self.trainer.max_steps:
@@ -191,7 +193,7 @@ class RecipeModule(pl.LightningModule):
             "elapsed_s": self._elapsed_before + time.perf_counter() - self._start,
         }
 
-    def _check_match(self, checkpoint: dict[str, Any], saved: dict[str, Any], states: dict[str, Any]) -> None:
+    def _check_match(self, checkpoint: dict[str, Any], saved: dict[str, Any]) -> None:
         """Refuse (exit 2) a checkpoint of another model shape, optimizer or plugin set, saying what differs."""
         run = self.run
         then = saved.get("recipe", {}) or {}
@@ -245,7 +247,7 @@ class RecipeModule(pl.LightningModule):
                                f"trainer.devices={saved['world_size']} (now {self.trainer.world_size}), or "
                                "consolidate it (memwise consolidate) and start from the weights")
         states = saved.get("plugins", {})
-        self._check_match(checkpoint, saved_manifest, states)
+        self._check_match(checkpoint, saved_manifest)
         for plugin in run.recipe.plugins:
             if plugin.name in states and run.host.implements(plugin, "memwise_load_state_dict"):
                 plugin.memwise_load_state_dict(ctx=run.ctx, state=states[plugin.name])
