@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -89,17 +88,17 @@ def _llama_params(h: int, inter: int, layers: int, heads: int, kv: int, vocab: i
     ("llama-3.1-8b", (4096, 14336, 32, 32, 8, 128256), 8.03),
     ("llama-3.1-70b", (8192, 28672, 80, 64, 8, 128256), 70.55)])
 def test_llama_31_tables_match_closed_form(name, dims, billions):
-    start = time.process_time()
     target = planner.load_target(str(MODELS / f"{name}.json"))
     target.seq_len, target.batch_size, target.precision = 4096, 1, "bf16-mixed"
+    assert all(p.is_meta for p in planner.meta_model(target.config).parameters())  # no weights allocated
     rows, _ = planner.plan_model(target, budget=80 * 2**30, devices=8)
-    assert time.process_time() - start < 30  # meta device: no weights are ever allocated
     n, tensors = _llama_params(*dims)
     assert round(n / 1e9, 2) == billions
     h, inter, layers, heads, kv, vocab = dims
     tokens, q, k = 4096, h, kv * (h // heads)
     per_token_layer = 4 * 4 * h + 2 * 5 * h + 2 * (2 * q + 2 * k + 4 * inter) + 8 + 4 * heads
-    activations = tokens * (layers * per_token_layer + 4 * 2 * h + 2 * h + 10 * vocab + 4)
+    # the fp32 log-softmax the loss saves, and autocast's bf16 copy of the head weight
+    activations = tokens * (layers * per_token_layer + 4 * 2 * h + 2 * h + 4 * vocab + 4) + 2 * vocab * h
     by_label = {r.label: r for r in rows}
     base, fsdp = by_label["baseline"], by_label["baseline (fsdp x8)"]
     buffers = base.estimate.parameters - 4 * n
