@@ -33,6 +33,7 @@ def problems_of(path, overrides, stage="fit"):
 # --- loading a model must not change it ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pretraining_config_does_not_reach_a_loaded_model(micro, tmp_path):
     folder = save_tiny(tmp_path / "m", layers=3)
     found = problems_of(micro, [f"model.path={folder}"])
@@ -69,6 +70,7 @@ def test_gguf_file_needs_a_folder_and_an_existing_file(micro, tmp_path):
     assert "no file 'model.gguf'" in found["model.gguf_file"] and "other.gguf" in found["model.gguf_file"]
 
 
+@pytest.mark.slow
 def test_real_model_logits_equal_transformers_from_pretrained():
     from transformers import AutoModelForCausalLM
 
@@ -170,6 +172,7 @@ def hf_corpus(**keys):
     return build_corpus(HFDataConfig(**{"builder": "hf", "seq_len": 64, "val_percent": 20.0, **keys}), ByteTokenizer())
 
 
+@pytest.mark.slow
 def test_hf_text_jsonl_parquet_and_saved_folder_give_the_same_documents(tmp_path):
     import datasets
 
