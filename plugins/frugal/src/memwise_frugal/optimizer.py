@@ -58,6 +58,14 @@ class FrugalAdamW(GaLoreAdamW):
                   for g in optimizer.param_groups]
         return cls(groups, frugal_params=frugal_params, **options)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts every state tensor to the parameter's dtype: the column indices go back
+        to int64 (exact: indices are far below 2^24)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "columns" in state:
+                state["columns"] = state["columns"].long()
+
     def projects(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s update is split (decided by its state once it has one)."""
         state = self.state.get(p)
