@@ -1,7 +1,7 @@
 """Optimizer-state techniques side by side on `tiny`: AdamW, COAT, GaLore, Natural GaLore, FRUGAL, each
 with and without fused_step.
 
-    python tools/bench/optimizer_states.py quality [--steps 200]   # validation loss after the same steps
+    python tools/bench/optimizer_states.py quality [--steps 100]   # validation loss after the same steps
     python tools/bench/optimizer_states.py table [--reps 5]        # memory (MemTracker) and step-time ratio
 
 Every run uses the same seed, data and steps, and no gradient clipping (fused_step refuses clipping
@@ -40,13 +40,18 @@ def _plugins(items: list[str]) -> str:
 
 
 def quality(steps: int) -> None:
-    results = {}
+    """One run per optimizer, all at once (separate processes, one thread each)."""
+    procs, results = {}, {}
     for label, items in OPTIMIZERS.items():
         out = ROOT / "runs" / ("bench-optstates-" + "-".join(label.lower().split()))
         cmd = [sys.executable, "-m", "memwise.cli", "run", str(ROOT / "recipes" / "base" / "tiny.yaml"),
-               _plugins(items), *COMMON, f"trainer.max_steps={steps}", f"report.dir={out}",
-               "trainer.progress_bar=false", "report.plots=false", "report.probe_memory=false"]
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+               _plugins(items), *COMMON, f"trainer.max_steps={steps}", f"report.dir={out}", "trainer.num_threads=1",
+               f"trainer.val_every_n_steps={steps}", "trainer.progress_bar=false", "report.plots=false",
+               "report.probe_memory=false"]
+        procs[label] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
+    for label, (proc, out) in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"{label}: run failed (exit {proc.returncode}); rerun it alone to see why")
         results[label] = json.loads((out / "summary.json").read_text())["final_val_loss"]
         print(f"{label}: validation loss {results[label]:.4f} after {steps} steps", flush=True)
     base = results["AdamW"]
@@ -80,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     q = sub.add_parser("quality")
-    q.add_argument("--steps", type=int, default=200)
+    q.add_argument("--steps", type=int, default=100)
     t = sub.add_parser("table")
     t.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()

@@ -12,7 +12,9 @@ from memwise.cli import main
 from memwise.runner import measure_recipe
 from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_same_losses
 from memwise_coat import CoatAdamW
+from memwise_frugal import FrugalAdamW
 from memwise_fused_step import FusedStepOptimizer, FusedStepPlugin, fuse_step
+from memwise_galore import GaLoreAdamW
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -31,10 +33,15 @@ def _optimizer(model, kind):
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=1e-2)
+    linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    if kind == "galore":
+        return GaLoreAdamW(groups, lr=1e-2, galore_params=linear, rank=8, update_proj_gap=2, natural=True)
+    if kind == "frugal":
+        return FrugalAdamW(groups, lr=1e-2, frugal_params=linear, update_gap=2)
     return CoatAdamW(groups, lr=1e-2, min_numel=1024)
 
 
-@pytest.mark.parametrize("kind", ["adamw", "coat"])
+@pytest.mark.parametrize("kind", ["adamw", "coat", "galore", "frugal"])
 def test_bitwise_equal_to_the_unfused_optimizer_with_a_schedule(kind):
     plain, fused = _model(), _model()
     opts = [_optimizer(plain, kind), fuse_step(_optimizer(fused, kind))]

@@ -1,0 +1,92 @@
+"""The frugal plugin: the recipe's AdamW becomes FrugalAdamW for the selected linear weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import memwise
+from memwise import MemoryDelta, Problem, RecipeError, hookimpl, option
+
+
+class FrugalPlugin(memwise.Plugin):
+    """FRUGAL: Adam on a state-full subspace of each linear weight's gradient, signSGD on the rest."""
+
+    name = "frugal"
+    summary = "FRUGAL: full-rank updates, Adam state only on a re-chosen subspace (density rho), signSGD elsewhere"
+    phase = "replace"
+    distribution = "memwise-frugal"
+
+    @dataclass
+    class Config:
+        density: float = option(0.25, "fraction rho of each weight's columns (or rank) that keeps Adam state")
+        update_gap: int = option(200, "steps between re-choosing the state-full subspace (T)")
+        selection: Literal["columns", "svd"] = option("columns", "state-full subspace: random columns, or "
+                                                      "the gradient's top singular directions (GaLore-style)")
+        state_free: Literal["signsgd", "sgd"] = option("signsgd", "update of the rest of the gradient")
+        free_lr_ratio: float = option(1.0, "learning rate of the state-free part, relative to the Adam one")
+        include: Optional[list[str]] = option(None, "globs on linear-module names to split (default: all)")
+        exclude: list[str] = option(["*lm_head*", "*embed*"], "globs on module names kept on plain AdamW")
+
+    def post_init(self) -> None:
+        c, problems = self.config, []
+        if not 0 < c.density <= 1:
+            problems.append(Problem("frugal.density", f"must be in (0, 1], got {c.density}"))
+        if c.update_gap < 1:
+            problems.append(Problem("frugal.update_gap", f"must be at least 1, got {c.update_gap}"))
+        if c.free_lr_ratio < 0:
+            problems.append(Problem("frugal.free_lr_ratio", f"must be 0 or more, got {c.free_lr_ratio}"))
+        if problems:
+            raise RecipeError(problems)
+
+    def transforms_model(self) -> bool:
+        return False
+
+    def provides(self) -> set[str]:
+        return {"optimizer.states"}
+
+    def options(self) -> dict[str, Any]:
+        c = self.config
+        return dict(density=c.density, update_gap=c.update_gap, selection=c.selection, state_free=c.state_free,
+                    free_lr_ratio=c.free_lr_ratio)
+
+    @hookimpl
+    def memwise_validate(self, ctx: Any) -> list:
+        from memwise_galore.plugin import projected_parameters
+
+        name = (ctx.recipe or {}).get("optimizer", {}).get("name", "adamw")
+        problems = []
+        if name != "adamw":
+            problems.append(Problem("frugal", f"replaces AdamW, but the recipe's optimizer is '{name}'; "
+                                    "set optimizer.name: adamw"))
+        if ctx.model is not None and not projected_parameters(ctx.model, self.config.include, self.config.exclude):
+            problems.append(Problem("frugal.include", "matches no linear weight of the model; "
+                                    "check the include/exclude globs"))
+        return problems
+
+    @hookimpl
+    def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
+        from memwise_galore.plugin import projected_parameters
+
+        from memwise_frugal.optimizer import frugal_state_bytes
+
+        c = self.config
+        chosen = {id(p) for p in projected_parameters(ctx.model, c.include, c.exclude)}
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        ours = sum(frugal_state_bytes(p, id(p) in chosen, c.density, c.selection) for p in params)
+        base = sum(frugal_state_bytes(p, False, 0.0, "") for p in params)
+        return MemoryDelta(optimizer_state=ours - base,
+                           note=f"FRUGAL density {c.density} ({c.selection}) on {len(chosen)} weights: "
+                                f"optimizer state {ours / max(base, 1):.3f}x AdamW's")
+
+    @hookimpl
+    def memwise_configure_optimizer(self, ctx: Any) -> None:
+        import torch
+        from memwise_galore.plugin import projected_parameters
+
+        from memwise_frugal.optimizer import FrugalAdamW
+
+        if not isinstance(ctx.optimizer, torch.optim.AdamW):
+            raise TypeError(f"frugal replaces torch.optim.AdamW, got {type(ctx.optimizer).__name__}")
+        chosen = projected_parameters(ctx.model, self.config.include, self.config.exclude)
+        ctx.optimizer = FrugalAdamW.from_torch(ctx.optimizer, frugal_params=chosen, **self.options())
