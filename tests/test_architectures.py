@@ -142,7 +142,8 @@ def test_kvprune_generates_or_refuses_by_name(model_type):
         assert len(problems) == 1 and "plugin 'kvprune' cannot convert architecture 'gemma2'" in problems[0].message
         return
     assert problems == []
-    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    # longer than SnapKV's observation window plus its sinks and ThinK's recent window, so both prune
+    ids = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(1))
     kwargs = dict(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         plain = model.generate(**kwargs)

@@ -202,8 +202,8 @@ class RecipeModule(pl.LightningModule):
         now_plugins = [p.name for p in run.recipe.plugins]
         plugins = f"plugins {then_plugins or 'none'} then, {now_plugins or 'none'} now"
         current = self.state_dict()
-        ckpt = checkpoint["state_dict"]
-        diffs = [f"{k} is missing" for k in current if k not in ckpt]
+        ckpt = {} if run.cfg.trainer.strategy == "fsdp" else checkpoint["state_dict"]  # DCP checks sharded ones
+        diffs = [] if not ckpt else [f"{k} is missing" for k in current if k not in ckpt]
         diffs += [f"{k} is not in this model" for k in ckpt if k not in current]
         diffs += [f"{k}: {tuple(ckpt[k].shape)} saved, {tuple(current[k].shape)} here" for k in current
                   if k in ckpt and hasattr(ckpt[k], "shape") and tuple(ckpt[k].shape) != tuple(current[k].shape)]
@@ -233,10 +233,13 @@ class RecipeModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         run = self.run
         saved = checkpoint.get("memwise")
-        if not isinstance(saved, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        # a sharded (DCP) checkpoint is loaded into the sharded module by torch distributed checkpoint,
+        # which checks names and shapes itself; the other formats carry the whole state dict here
+        sharded = run.cfg.trainer.strategy == "fsdp"
+        if not isinstance(saved, dict) or not (sharded or isinstance(checkpoint.get("state_dict"), dict)):
             raise InputError("this checkpoint was not written by `memwise run` (it has no memwise manifest); resume "
                              "only from a run's checkpoints/*.ckpt, or load pretrained weights with model.path")
-        bad = guard.nonfinite_tensors(checkpoint["state_dict"])
+        bad = [] if sharded else guard.nonfinite_tensors(checkpoint["state_dict"])
         if bad:
             raise InputError(f"this checkpoint's weights hold NaN/inf ({', '.join(bad[:4])}"
                              f"{', ...' if len(bad) > 4 else ''}); resume from an earlier checkpoint")
