@@ -181,9 +181,11 @@ class StepShape:
     """torch AdamW's single-tensor step holds two temporaries of one parameter's size (the square
     root of the second moment and its quotient)"""
     loss_grads: int
-    """the fp32 gradient of the logits and the head's gradient, at the start of backward"""
+    """at the start of backward: the gradients of the log-softmax and of the fp32 logits (and, under
+    autocast, of the bf16 logits), and the head's gradient; the saved activations count only the
+    log-softmax (memory.logits_activation_bytes)"""
     head_activations: int
-    """logits and log-softmax saved by forward, freed once backward has passed the head"""
+    """what forward saved for the loss (the log-softmax), freed once backward has passed the head"""
     layer_backward: int
     """the head's and one decoder layer's parameter gradients, and the gradient of the layer's input"""
     layer_grads: int
@@ -255,8 +257,10 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
     largest = state["largest"]
     head = model.get_output_embeddings().weight
     tokens, vocab = workload.batch_size * workload.seq_len, model.config.vocab_size
-    shape = StepShape(largest_param=largest, loss_grads=4 * tokens * vocab + _bytes(head, devices),
-                      head_activations=tokens * vocab * (8 if workload.precision == "32-true" else 10),
+    per_token = 8 if workload.precision == "32-true" else 10
+    shape = StepShape(largest_param=largest, loss_grads=per_token * tokens * vocab + _bytes(head, devices),
+                      head_activations=memory.logits_activation_bytes(model.config, workload.batch_size,
+                                                                      workload.seq_len, workload.precision),
                       layer_backward=_layer_bytes(model, devices) + _bytes(head, devices)
                       + 4 * tokens * model.config.hidden_size,
                       layer_grads=_layer_bytes(model, devices), layers=model.config.num_hidden_layers,
