@@ -124,15 +124,17 @@ def test_prefetch_depth_sets_how_many_layers_are_back_on_the_device():
 
 
 def test_composes_with_mesa_and_moves_the_packed_bytes():
-    from memwise_mesa import apply_mesa
+    from memwise_mesa import apply_mesa, rounding
 
     mesa_only, both = llama(), llama()
     apply_mesa(mesa_only, exclude=["*lm_head"])
     apply_mesa(both, exclude=["*lm_head"])
     apply_offload(both)
     torch.manual_seed(5)
+    rounding.reseed(5)  # Mesa's stochastic rounding draws from its own stream
     want = grads(mesa_only)
     torch.manual_seed(5)
+    rounding.reseed(5)
     got = grads(both)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     plain = llama()
