@@ -51,6 +51,7 @@ def memwise_cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_third_party_plugin_through_its_entry_point(example_plugin, tmp_path):
     listed = memwise_cli("plugins", "list")
     assert "freeze" in listed.stdout and "memwise-freeze" in listed.stdout

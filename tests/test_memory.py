@@ -19,6 +19,7 @@ def check_prediction(rows, report):
     return predicted, measured
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_tiny_prediction(precision):
     rows, report = measure_recipe("base/tiny", FAST + [f"trainer.precision={precision}"], warm=False)
@@ -55,10 +56,12 @@ def small_checkpointed():
     return measure_recipe("base/small", FAST + ["plugins=[{use: checkpointing, with: {layers: all}}]"], warm=False)
 
 
+@pytest.mark.slow
 def test_small_prediction(small):
     check_prediction(*small)
 
 
+@pytest.mark.slow
 def test_checkpointing_cuts_small_activations_tenfold(small, small_checkpointed):
     base = small[1].headline()["activations"]
     ckpt = small_checkpointed[1].headline()["activations"]

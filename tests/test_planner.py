@@ -68,7 +68,7 @@ def test_real_model_short_sequence_peak_within_5_percent(tmp_path):
     recipe = tmp_path / "real.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"builder": "llama", "path": str(folder)},
-        "data": {"builder": "text_files", "paths": [f"{ROOT}/core/*.py"], "tokenizer": str(folder), "seq_len": 32,
+        "data": {"builder": "text_files", "paths": [f"{ROOT}/core/*.py"], "seq_len": 32,
                  "batch_size": 1, "max_documents": 20, "val_batches": 1, "val_percent": 10.0},
         "trainer": {"max_steps": 1}, "optimizer": {"name": "adamw"}}))
     measured, on_model, on_meta = _measured_and_predicted(str(recipe), [])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 TEST_FILE = '''
 import dataclasses
 
@@ -42,6 +44,7 @@ def test_slow_marker_is_registered(pytestconfig):
 '''
 
 
+@pytest.mark.slow
 def test_fixtures_reach_a_plugin_authors_tests(pytester):
     pytester.makepyfile(test_author=TEST_FILE)
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")

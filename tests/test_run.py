@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
 from memwise.checkpoint import safe_load
 from memwise.memory import CATEGORIES
@@ -75,6 +76,7 @@ def test_generate_from_a_checkpoint(cli, micro, tmp_path):
     assert out.startswith("def ")
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(micro, tmp_path):
     proc = run_cli("run", micro, f"report.dir={tmp_path}", "trainer.strategy=ddp", "trainer.devices=2",
                     "trainer.accelerator=cpu", "trainer.max_steps=3", "plugins=[{use: checkpointing}]", cwd=ROOT)
@@ -86,6 +88,7 @@ def test_ddp_two_cpu_processes(micro, tmp_path):
     assert int(rows[-1]["tokens"]) == 3 * 2 * 4 * 64
 
 
+@pytest.mark.slow
 def test_quickstart_learns(tmp_path):
     """The README's quickstart recipe as shipped: the loss falls at least 35%."""
     proc = run_cli("run", "recipes/quickstart.yaml", f"report.dir={tmp_path}", "trainer.progress_bar=false",

@@ -61,7 +61,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp()) / "real.yaml"
         tmp.write_text(yaml.safe_dump({
             "model": {"builder": "llama", "path": str(folder)},
-            "data": {"builder": "text_files", "paths": [f"{ROOT}/core/*.py"], "tokenizer": str(folder),
+            "data": {"builder": "text_files", "paths": [f"{ROOT}/core/*.py"],
                      "seq_len": 32, "batch_size": 1, "max_documents": 20, "val_batches": 1, "val_percent": 10.0}}))
         rows.append(("SmolLM2-135M fp32, 1 x 32 tokens", str(tmp), []))
     print("| combination | predicted peak (MiB) | measured peak (MiB) | error |\n|---|---:|---:|---:|", flush=True)

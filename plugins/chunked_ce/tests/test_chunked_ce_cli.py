@@ -16,6 +16,7 @@ def test_recipe_resume_matches_uninterrupted_run(tmp_path):
     assert_resume_is_exact(RECIPE, SMALL_VOCAB, tmp_path, steps=4, at=2)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     proc = run_cli("run", RECIPE, f"report.dir={tmp_path}", *SMALL_VOCAB, *DDP, "trainer.max_steps=3", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

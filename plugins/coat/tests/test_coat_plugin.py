@@ -109,6 +109,7 @@ def test_recipe_resume_matches_uninterrupted_run(tmp_path):
     assert any(s["exp_avg"].dtype == torch.float8_e4m3fn for s in states.values())
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     proc = run_cli("run", RECIPE, f"report.dir={tmp_path}", *MICRO, *DDP, "trainer.max_steps=3", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -33,6 +33,7 @@ def rows(folder: Path) -> dict[int, dict]:
         return {int(r["step"]): r for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not RECIPE.exists(), reason="needs the repository checkout")
 def test_ddp_two_cpu_processes_same_lengths_disjoint_sequences(tmp_path: Path) -> None:
     memwise_run("trainer.max_steps=6", "trainer.val_every_n_steps=6", "trainer.strategy=ddp", "trainer.devices=2",
@@ -49,6 +50,7 @@ def test_ddp_two_cpu_processes_same_lengths_disjoint_sequences(tmp_path: Path) -
     assert report["world_size"] == 2 and report["steps_seen"] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not RECIPE.exists(), reason="needs the repository checkout")
 def test_resume_mid_run_replays_the_same_batches(tmp_path: Path) -> None:
     full, resumed = tmp_path / "full", tmp_path / "resumed"

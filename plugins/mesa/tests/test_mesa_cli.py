@@ -1,5 +1,6 @@
 """Mesa through the recipe runner: resume restores ranges and reproduces losses; DDP on two CPU processes."""
 
+import pytest
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ def test_recipe_resume_restores_ranges_and_matches_uninterrupted_run(tmp_path):
     assert int(saved["state_dict"]["model.model.layers.1.self_attn.mesa_key.steps"]) == 2
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     proc = run_cli("run", RECIPE, f"report.dir={tmp_path}", *MICRO, *DDP, "trainer.max_steps=3", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -57,6 +57,7 @@ print("done")
 '''
 
 
+@pytest.mark.slow
 def test_triton_kernels_match_the_reference_under_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

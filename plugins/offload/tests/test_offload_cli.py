@@ -1,6 +1,7 @@
 """Offload through the recipe runner: exact resume, DDP on two CPU processes, host bytes in
 memory.json and `memwise explain`, composition with Mesa, overlap with checkpointing."""
 
+import pytest
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def test_recipe_resume_matches_uninterrupted_run_and_reports_host(tmp_path):
     assert abs(predicted["host"] - measured["host"]) <= 0.25 * measured["host"]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_with_mesa(tmp_path):
     plugins = "plugins=[{use: mesa, with: {exclude: ['*lm_head']}}, {use: offload, with: {layers: [0], fraction: 0.5}}]"
     proc = run_cli("run", RECIPE, f"report.dir={tmp_path}", *MICRO, *DDP, "trainer.max_steps=3", plugins, cwd=ROOT)
@@ -25,6 +27,7 @@ def test_ddp_two_cpu_processes_with_mesa(tmp_path):
     assert_trained(tmp_path, 3)
 
 
+@pytest.mark.slow
 def test_explain_shows_host_and_overlap_is_a_clear_error(tmp_path):
     proc = run_cli("explain", RECIPE, *MICRO, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

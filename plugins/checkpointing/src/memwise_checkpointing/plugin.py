@@ -8,8 +8,8 @@ from typing import Union
 import memwise
 from memwise import MemoryDelta, Problem, architectures, hookimpl, option
 from memwise.memory import llama_layer_activation_bytes
-from memwise.models import decoder_layers
-from memwise_checkpointing.surgery import apply_checkpointing, remove_checkpointing, select_layers
+from memwise.models import decoder_layers, select_layers
+from memwise_checkpointing.surgery import apply_checkpointing, remove_checkpointing
 
 
 class CheckpointingPlugin(memwise.Plugin):

@@ -14,21 +14,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from memwise import NoEffectWarning
-from memwise.models import decoder_layers
+from memwise.models import decoder_layers, select_layers
 
 _MARK = "_memwise_checkpointed"
-
-
-def select_layers(model: torch.nn.Module, layers: str | list[int]) -> list[tuple[str, torch.nn.Module]]:
-    """The decoder layers named by ``layers`` ('all' or indices; negative indices count from the end)."""
-    found = decoder_layers(model)
-    if layers == "all":
-        return found
-    n = len(found)
-    bad = [i for i in layers if not -n <= i < n]
-    if bad:
-        raise IndexError(f"layer indices {bad} out of range for a model with {n} decoder layers")
-    return [found[i % n] for i in sorted({i % n for i in layers})]
 
 
 def _checkpointed(layer: torch.nn.Module, forward: Any, *args: Any, **kwargs: Any) -> Any:

@@ -52,17 +52,9 @@ class FrugalPlugin(memwise.Plugin):
 
     @hookimpl
     def memwise_validate(self, ctx: Any) -> list:
-        from memwise_galore.plugin import projected_parameters
+        from memwise_galore.plugin import adamw_subspace_problems
 
-        name = (ctx.recipe or {}).get("optimizer", {}).get("name", "adamw")
-        problems = []
-        if name != "adamw":
-            problems.append(Problem("frugal", f"replaces AdamW, but the recipe's optimizer is '{name}'; "
-                                    "set optimizer.name: adamw"))
-        if ctx.model is not None and not projected_parameters(ctx.model, self.config.include, self.config.exclude):
-            problems.append(Problem("frugal.include", "matches no linear weight of the model; "
-                                    "check the include/exclude globs"))
-        return problems
+        return adamw_subspace_problems(self.name, ctx, self.config.include, self.config.exclude)
 
     @hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:

@@ -26,6 +26,19 @@ def projected_parameters(model: Any, include: Optional[list[str]], exclude: list
     return chosen
 
 
+
+def adamw_subspace_problems(plugin: str, ctx: Any, include: Optional[list[str]], exclude: list[str]) -> list:
+    """What GaLore and FRUGAL both need: AdamW as the recipe's optimizer, and weights to act on."""
+    name = (ctx.recipe or {}).get("optimizer", {}).get("name", "adamw")
+    problems = []
+    if name != "adamw":
+        problems.append(Problem(plugin, f"replaces AdamW, but the recipe's optimizer is '{name}'; "
+                                "set optimizer.name: adamw"))
+    if ctx.model is not None and not projected_parameters(ctx.model, include, exclude):
+        problems.append(Problem(f"{plugin}.include", "matches no linear weight of the model; "
+                                "check the include/exclude globs"))
+    return problems
+
 class GaLorePlugin(memwise.Plugin):
     """GaLore / Natural GaLore: Adam moments of low-rank projected gradients for linear weights."""
 
@@ -72,15 +85,7 @@ class GaLorePlugin(memwise.Plugin):
 
     @hookimpl
     def memwise_validate(self, ctx: Any) -> list:
-        name = (ctx.recipe or {}).get("optimizer", {}).get("name", "adamw")
-        problems = []
-        if name != "adamw":
-            problems.append(Problem("galore", f"replaces AdamW, but the recipe's optimizer is '{name}'; "
-                                    "set optimizer.name: adamw"))
-        if ctx.model is not None and not projected_parameters(ctx.model, self.config.include, self.config.exclude):
-            problems.append(Problem("galore.include", "matches no linear weight of the model; "
-                                    "check the include/exclude globs"))
-        return problems
+        return adamw_subspace_problems(self.name, ctx, self.config.include, self.config.exclude)
 
     @hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memwise import NoEffectWarning
 from memwise.memory import HOST
-from memwise.models import decoder_layers
+from memwise.models import decoder_layers, select_layers
 
 _MARK = "_memwise_offload"
 
@@ -258,18 +258,6 @@ def _offloaded(layer: torch.nn.Module, forward: Any, offloader: Offloader, fract
     if swap == 0:
         return recomputed(0, rows)
     return _join_rows(swapped(0, swap), recomputed(swap, rows))
-
-
-def select_layers(model: torch.nn.Module, layers: Any) -> list[tuple[str, torch.nn.Module]]:
-    """The decoder layers named by ``layers`` ('all' or indices; negative indices count from the end)."""
-    found = decoder_layers(model)
-    if layers == "all":
-        return found
-    n = len(found)
-    bad = [i for i in layers if not -n <= i < n]
-    if bad:
-        raise IndexError(f"layer indices {bad} out of range for a model with {n} decoder layers")
-    return [found[i % n] for i in sorted({i % n for i in layers})]
 
 
 def apply_offload(model: torch.nn.Module, layers: Any = "all", fraction: float = 1.0,

@@ -46,7 +46,7 @@ class OffloadPlugin(memwise.Plugin):
         return {"activation.placement"}
 
     def _indices(self, model: Any) -> set[int]:
-        from memwise_offload.offload import select_layers
+        from memwise.models import select_layers
 
         names = [name for name, _ in select_layers(model, self.config.layers)]
         return {int(name.rsplit(".", 1)[1]) for name in names}
@@ -61,7 +61,7 @@ class OffloadPlugin(memwise.Plugin):
             return [Problem("offload.layers", str(err))]
         ckpt = ctx.plugin("checkpointing")
         if ckpt is not None:
-            from memwise_offload.offload import select_layers
+            from memwise.models import select_layers
 
             theirs = {int(n.rsplit(".", 1)[1]) for n, _ in select_layers(ctx.model, ckpt.config.layers)}
             both = sorted(mine & theirs)
