@@ -11,6 +11,7 @@ offloading plugins keep.
 from __future__ import annotations
 
 import contextlib
+import gc
 import resource
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
@@ -231,6 +232,7 @@ def measure_step(
     backward (the plugins' step contexts, autocast). Gradients are cleared first and after.
     """
     optimizer.zero_grad(set_to_none=True)
+    gc.collect()  # host pools of models already dropped are released by their finalizers, not counted here
     HOST.reset_peak()
     mt = _tracker()
     mt.track_external(model, optimizer, *external)
