@@ -42,7 +42,8 @@ def memory_table(rows: list[tuple[str, dict[str, int]]], baseline: str) -> str:
 
 
 def probe_and_step(workload: str, overrides: list[str]):
-    """A reference workload with the plugins applied: its measured probe step and a step function.
+    """A reference workload (``tiny``, ``small``, ...) or a recipe file (``*.yaml``) with the plugins
+    applied: its measured probe step and a step function.
 
     The step function runs forward, backward and the optimizer step on one fixed batch, for
     timing against a baseline with ``interleaved``.
@@ -50,7 +51,8 @@ def probe_and_step(workload: str, overrides: list[str]):
     from memwise import recipe
     from memwise.runner import Run, causal_lm_loss
 
-    run = Run(recipe.load(f"base/{workload}", ["data.max_documents=300", *overrides]), "fit")
+    name = workload if workload.endswith(".yaml") else f"base/{workload}"
+    run = Run(recipe.load(name, ["data.max_documents=300", *overrides]), "fit")
     run.build()
     run.transform()
     report = run.probe_without_training()

@@ -158,8 +158,10 @@ def retrieval(args: argparse.Namespace) -> None:
               + " ".join(f"{n}={'+' if hits[n][-1] else '-'}" for n in names), flush=True)
     result = []
     for n in names:
-        by = {kind: round(100 * sum(h for h, r in zip(hits[n], rows) if r["kind"] == kind)
-                          / max(1, sum(r["kind"] == kind for r in rows)), 1) for kind in ("prose", "code")}
+        by = {}
+        for kind in ("prose", "code"):
+            sel = [h for h, r in zip(hits[n], rows) if r["kind"] == kind]
+            by[kind] = round(100 * sum(sel) / len(sel), 1) if sel else None
         result.append({"setting": n, "presses": [repr(p) for p in presses[n]],
                        "accuracy": round(100 * sum(hits[n]) / len(rows), 1), **by,
                        "bytes_bf16_last": nbytes[n], "examples": answers[n][:3]})
@@ -176,23 +178,45 @@ def retrieval(args: argparse.Namespace) -> None:
                                     "meta": meta}, indent=1))
 
 
+def decode_step_trace(model: LlamaForCausalLM, cache: DynamicCache, token: int, position: int) -> dict:
+    """One greedy decode step through ``cache``: each layer's attention output and the logits."""
+    outs: list = []
+    hooks = [layer.self_attn.register_forward_hook(lambda m, i, o: outs.append(o[0][0, -1].clone()))
+             for layer in model.model.layers]
+    try:
+        step = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                     position_ids=torch.tensor([[position]]), cache_position=torch.tensor([position]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"attention": torch.stack(outs), "logits": step.logits[0, -1].clone()}
+
+
 @torch.no_grad()
 def dump(args: argparse.Namespace) -> None:
-    """For one prompt, what SnapKVPress and ThinKPress keep in each layer: token indices (found by matching
-    the kept key rows against the layer's full keys) and pruned channels (the all-zero key columns)."""
+    """For one prompt, what SnapKVPress (keeping 30%) and ThinKPress (0.5) do in each layer: the kept token
+    indices (found by matching kept key rows against the layer's full keys), the pruned channels (the
+    all-zero key columns), and, decoding the first answer token through each compressed cache, every
+    layer's attention output and the logits (the full cache's too)."""
     data = torch.load(f"{args.prompts}/prompts-{args.length}.pt", weights_only=True)
     row = data["rows"][args.index]
     model = LlamaForCausalLM.from_pretrained(data["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
     snap, think = SnapKVPress(compression_ratio=0.7, window_size=32, kernel_size=7), ThinKPress(0.5, window_size=32)
+    for press in (snap, think):
+        press.post_init_from_model(model)
     found: dict = {"tokens": [], "pruned_channels": []}
+    caches = {n: DynamicCache(config=model.config) for n in ("full", "snapkv0.3", "think0.5")}
 
     def hook(module: torch.nn.Module, inputs: tuple, kwargs: dict, output: tuple) -> tuple:
         layer = kwargs["past_key_values"].layers[module.layer_idx]
-        full = layer.keys
-        kept, _ = snap.compress(module, kwargs["hidden_states"], full.clone(), layer.values.clone(), None, kwargs)
+        full, values = layer.keys, layer.values
+        caches["full"].update(full.clone(), values.clone(), module.layer_idx)
+        kept, kept_v = snap.compress(module, kwargs["hidden_states"], full.clone(), values.clone(), None, kwargs)
+        caches["snapkv0.3"].update(kept, kept_v, module.layer_idx)
         same = (kept[:, :, :, None, :] == full[:, :, None, :, :]).all(-1)  # [B, H, kept, L]
         found["tokens"].append(same.float().argmax(-1).sort(-1).values[0])
-        zeroed, _ = think.compress(module, kwargs["hidden_states"], full.clone(), layer.values.clone(), None, kwargs)
+        zeroed, think_v = think.compress(module, kwargs["hidden_states"], full.clone(), values.clone(), None, kwargs)
+        caches["think0.5"].update(zeroed, think_v, module.layer_idx)
         found["pruned_channels"].append(zeroed.eq(0).all(dim=2)[0])
         return output
 
@@ -200,10 +224,19 @@ def dump(args: argparse.Namespace) -> None:
     for layer in model.model.layers:
         layer.self_attn.rotary_emb = model.model.rotary_emb
         hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
-    model(input_ids=torch.tensor([row["ids"]]), past_key_values=DynamicCache(config=model.config), use_cache=True)
-    for h in hooks:
-        h.remove()
-    torch.save({k: torch.stack(v) for k, v in found.items()}, Path(args.prompts) / f"kvpress-kept-{args.length}.pt")
+    try:
+        out = model(input_ids=torch.tensor([row["ids"]]), past_key_values=DynamicCache(config=model.config),
+                    use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    first = int(out.logits[0, -1].argmax())
+    saved = {k: torch.stack(v) for k, v in found.items()}
+    saved["first_token"] = torch.tensor(first)
+    for name, cache in caches.items():
+        trace = decode_step_trace(model, cache, first, len(row["ids"]))
+        saved[f"{name}.attention"], saved[f"{name}.logits"] = trace["attention"], trace["logits"]
+    torch.save(saved, Path(args.prompts) / f"kvpress-kept-{args.length}.pt")
 
 
 def main() -> None:

@@ -253,7 +253,7 @@ def evaluate(model: LlamaForCausalLM, tok: Any, data: dict, names: list[str], ne
         by = {}
         for kind in ("prose", "code"):
             sel = [h for h, r in zip(hits[n], rows) if r["kind"] == kind]
-            by[kind] = round(100 * sum(sel) / max(len(sel), 1), 1)
+            by[kind] = round(100 * sum(sel) / len(sel), 1) if sel else None
         result.append({"setting": n, "accuracy": round(100 * sum(hits[n]) / len(rows), 1), **by,
                        "bytes_bf16": nbytes, "x_fewer": round(dense_bytes / nbytes, 2),
                        "examples": answers[n][:3]})
@@ -290,29 +290,62 @@ def timing(model: LlamaForCausalLM, ids: list[int], names: list[str], steps: int
              "x_full": round(base / statistics.median(t), 3)} for n, t in times.items()]
 
 
+def decode_step_trace(model: LlamaForCausalLM, cache: Any, token: int) -> dict:
+    """One greedy decode step through ``cache``: each layer's attention output and the logits."""
+    outs: list = []
+    hooks = [layer.self_attn.register_forward_hook(lambda m, i, o: outs.append(o[0][0, -1].clone()))
+             for layer in model.model.layers]
+    try:
+        step = model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_kwarg("model"): cache})
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"attention": torch.stack(outs), "logits": step.logits[0, -1].clone()}
+
+
+def _closeness(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Relative L2 distance and cosine of two vectors."""
+    ours, theirs = ours.double().flatten(), theirs.double().flatten()
+    return {"rel_l2": float((ours - theirs).norm() / theirs.norm()),
+            "cosine": float(torch.nn.functional.cosine_similarity(ours, theirs, dim=0))}
+
+
 @torch.no_grad()
-def compare(model: LlamaForCausalLM, ids: list[int], kvpress_kept: dict) -> list[dict]:
-    """Per layer, memwise's SnapKV (keeping 30%) and ThinK 0.5 choices beside kvpress's on the same prompt:
-    mean over KV heads of the kept-token Jaccard index and of the kept-channel overlap."""
+def compare(model: LlamaForCausalLM, ids: list[int], theirs: dict) -> dict:
+    """memwise's SnapKV (keeping 30%) and ThinK 0.5 beside kvpress's on the same prompt, layer by layer: the
+    kept-token Jaccard index and kept-channel overlap (means over KV heads), then, decoding the first answer
+    token through each compressed cache, each layer's attention output (relative L2 distance to kvpress's)
+    and the logits (distance, same argmax, top-10 overlap); the full caches' row is the control."""
     register_attention("memwise_kvprune_fanout", fanout_attention)
-    snap = make_cache(model, install=False, eviction=Eviction("snapkv", 0.3))
-    think = make_cache(model, install=False, think=ThinK(0.5))
+    caches = {"snapkv0.3": make_cache(model, install=False, eviction=Eviction("snapkv", 0.3)),
+              "think0.5": make_cache(model, install=False, think=ThinK(0.5))}
+    dense = DynamicCache(config=model.config)
     set_attention_implementation(model, "memwise_kvprune_fanout")
-    fan_out = FanOutCache([snap, think], DynamicCache(config=model.config))
-    model(input_ids=torch.tensor([ids]), use_cache=True, **{cache_kwarg("model"): fan_out})
-    rows = []
-    for i, (s_layer, t_layer) in enumerate(zip(snap.layers, think.layers)):
+    out = model(input_ids=torch.tensor([ids]), use_cache=True,
+                **{cache_kwarg("model"): FanOutCache(list(caches.values()), dense)})
+    first = int(out.logits[0, -1].argmax())
+    if first != int(theirs["first_token"]):
+        raise SystemExit(f"the prefill's first token differs: memwise {first}, kvpress {int(theirs['first_token'])}")
+    layers = []
+    for i, (s_layer, t_layer) in enumerate(zip(caches["snapkv0.3"].layers, caches["think0.5"].layers)):
         ours = s_layer.positions[0].long()
-        theirs = kvpress_kept["tokens"][i]
-        jaccard = []
-        for a, b in zip(ours.tolist(), theirs.tolist()):
-            jaccard.append(len(set(a) & set(b)) / len(set(a) | set(b)))
-        kept = ~kvpress_kept["pruned_channels"][i]  # [H, D]
+        jaccard = [len(set(a) & set(b)) / len(set(a) | set(b))
+                   for a, b in zip(ours.tolist(), theirs["tokens"][i].tolist())]
+        kept = ~theirs["pruned_channels"][i]  # [H, D]
         channels = [len(set(c) & set(kept[h].nonzero().flatten().tolist())) / len(c)
                     for h, c in enumerate(t_layer.channels[0].long().tolist())]
-        rows.append({"layer": i, "snapkv_token_jaccard": round(sum(jaccard) / len(jaccard), 3),
-                     "think_channel_overlap": round(sum(channels) / len(channels), 3)})
-    return rows
+        layers.append({"layer": i, "snapkv_token_jaccard": round(sum(jaccard) / len(jaccard), 3),
+                       "think_channel_overlap": round(sum(channels) / len(channels), 3)})
+    decode = {}
+    for name, cache in (("full", dense), *caches.items()):
+        trace = decode_step_trace(model, cache, first)
+        mine, ref = trace["logits"], theirs[f"{name}.logits"]
+        decode[name] = {"logits": {**_closeness(mine, ref), "same_argmax": int(mine.argmax()) == int(ref.argmax()),
+                                   "top10_overlap": len(set(mine.topk(10).indices.tolist())
+                                                        & set(ref.topk(10).indices.tolist())) / 10},
+                        "attention_rel_l2": [round(_closeness(a, b)["rel_l2"], 6)
+                                             for a, b in zip(trace["attention"], theirs[f"{name}.attention"])]}
+    return {"layers": layers, "decode": decode}
 
 
 def load_model(folder: Path) -> LlamaForCausalLM:
@@ -340,6 +373,7 @@ def main() -> None:
     t.add_argument("--reps", type=int, default=5, help="timed rounds (after one warm-up round)")
     c = sub.add_parser("compare", help="kept tokens and channels per layer beside kvpress's (after its dump)")
     c.add_argument("--length", type=int, default=1024)
+    c.add_argument("--index", type=int, default=0, help="the prompt kvprune_kvpress.py dump --index used")
     for q in (p, e, t, c):
         q.add_argument("--model", type=Path, default=None)
         q.add_argument("--out", type=Path, default=OUT)
@@ -358,10 +392,13 @@ def main() -> None:
     data = torch.load(args.out / f"prompts-{args.length}.pt", weights_only=True)
     if args.cmd == "compare":
         theirs = torch.load(args.out / f"kvpress-kept-{args.length}.pt", weights_only=True)
-        rows = compare(load_model(folder), data["rows"][0]["ids"], theirs)
-        for r in rows:
+        result = compare(load_model(folder), data["rows"][args.index]["ids"], theirs)
+        for r in result["layers"]:
             print(json.dumps(r))
-        (args.out / f"compare-{args.length}.json").write_text(json.dumps({"rows": rows}, indent=1))
+        for name, r in result["decode"].items():
+            print(json.dumps({"setting": name, "logits": r["logits"],
+                              "attention_rel_l2_max": max(r["attention_rel_l2"])}))
+        (args.out / f"compare-{args.length}.json").write_text(json.dumps({"index": args.index, **result}, indent=1))
         return
     if args.cmd == "timing":
         if args.settings[0] != "full":

@@ -7,6 +7,11 @@ variant against the baseline (same seed, steps and data).
 
     python tools/bench/smollm2.py memory --variants baseline checkpointing mesa coat coat-mesa
     python tools/bench/smollm2.py quality --runs runs/fig
+    python tools/bench/smollm2.py time --variants baseline checkpointing mesa coat coat-mesa
+
+time: the baseline and one variant at a time in one process (two models in memory), one fixed
+batch, forward + backward + optimizer step, interleaved after a warm-up, median; the ratio is to
+the baseline's median measured beside the same variant.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MIB, machine  # noqa: E402
+from common import MIB, interleaved, machine, probe_and_step  # noqa: E402
 
 from memwise.memory import CATEGORIES  # noqa: E402
 
@@ -43,6 +48,23 @@ def memory(variants: list[str], overrides: list[str]) -> dict:
             print(f"| {cat} | {out[v]['predicted'][cat] / MIB:,.2f} | {out[v]['measured'][cat] / MIB:,.2f} |",
                   flush=True)
         del rows, report
+        gc.collect()
+    return out
+
+
+def step_times(variants: list[str], overrides: list[str], repeats: int) -> dict:
+    """Step-time ratio of each variant to the baseline, each pair interleaved in this process."""
+    _, base = probe_and_step(recipe_of("baseline"), overrides)
+    out = {}
+    for v in variants:
+        if v == "baseline":
+            continue
+        report, step = probe_and_step(recipe_of(v), overrides)
+        med = interleaved({"baseline": base, v: step}, repeats=repeats)
+        out[v] = {"baseline_s": med["baseline"], "variant_s": med[v], "ratio": med[v] / med["baseline"],
+                  "peak_total": report.peak_total}
+        print(f"| {v} | {med['baseline']:.2f} | {med[v]:.2f} | {med[v] / med['baseline']:.2f}x |", flush=True)
+        del report, step
         gc.collect()
     return out
 
@@ -73,10 +95,20 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     p = sub.add_parser("quality")
     p.add_argument("--runs", type=Path, default=Path("runs/fig"))
+    p = sub.add_parser("time")
+    p.add_argument("--variants", nargs="+", default=["baseline", "checkpointing", "mesa", "coat", "coat-mesa"])
+    p.add_argument("--overrides", nargs="*", default=["data.batch_size=1", "data.max_documents=60"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     if args.command == "memory":
         result = memory(args.variants, args.overrides)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    elif args.command == "time":
+        print("| variant | baseline step (s) | variant step (s) | ratio |\n|---|---|---|---|", flush=True)
+        result = step_times(args.variants, args.overrides, args.repeats)
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     else:
