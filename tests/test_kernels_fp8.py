@@ -33,6 +33,18 @@ def test_saturates_and_keeps_sign_of_zero(fmt):
     assert y.tolist()[:2] == [fmt.max_value, -fmt.max_value]
     assert torch.signbit(y[2]) and not torch.signbit(y[3])
     assert quantize(torch.tensor([31.8]), E4M3).float().item() == 32.0  # the interpreter's defect case
+    q = quantize(torch.tensor([1e9, -1e9, -0.0, 0.0]), fmt).float()
+    assert torch.equal(q, y) and torch.equal(torch.signbit(q), torch.signbit(y))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_quantize_rounds_ties_like_the_grid(fmt):
+    """Midpoints between neighbouring FP8 values (and one ulp either side) go where round_to_grid sends them."""
+    grid = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]), samples()])
+    assert torch.equal(quantize(x, fmt).view(torch.uint8), round_to_grid(x, fmt).to(fmt.dtype).view(torch.uint8))
 
 
 def test_triton_helper_matches_reference_under_interpreter():

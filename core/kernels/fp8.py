@@ -48,5 +48,10 @@ def round_to_grid(x: torch.Tensor, fmt: FP8Format = E4M3) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, fmt: FP8Format = E4M3) -> torch.Tensor:
-    """``x`` (already scaled into range) as an FP8 tensor, rounded exactly."""
-    return round_to_grid(x, fmt).to(fmt.dtype)
+    """``x`` as an FP8 tensor, rounded as :func:`round_to_grid` rounds (saturating).
+
+    torch's own cast rounds within range exactly as the grid does (tests check ties, subnormals
+    and signed zeros), so the torch path casts after one clamp: two passes instead of ten, which
+    matters when a KV cache encodes one token per layer per decoded token.
+    """
+    return x.float().clamp(-fmt.max_value, fmt.max_value).to(fmt.dtype)

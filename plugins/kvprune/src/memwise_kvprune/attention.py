@@ -50,10 +50,14 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
         q_kept = q
     if isinstance(layer.pruned_k, FP8Rows):  # q . (rows * s_t) = (q . rows) * s_t: scale the scores, not the keys
         rows, k_scale = layer.pruned_k.widen(query.dtype)
-        pruned = torch.einsum("bhgsc,bhtc->bhgst", q_kept, rows).float() * k_scale[:, :, None, None, :]
+        pruned = torch.einsum("bhgsc,bhtc->bhgst", q_kept, rows).float() * (k_scale * scaling)[:, :, None, None, :]
     else:
-        pruned = torch.einsum("bhgsc,bhtc->bhgst", q_kept, layer.pruned_k).float()
-    scores = torch.cat([pruned, torch.einsum("bhgsd,bhtd->bhgst", q, layer.window_k).float()], dim=-1) * scaling
+        pruned = torch.einsum("bhgsc,bhtc->bhgst", q_kept, layer.pruned_k).float() * scaling
+    if layer.window_k.shape[-2]:  # ThinK's full-width window (empty without channel pruning)
+        window = torch.einsum("bhgsd,bhtd->bhgst", q, layer.window_k).float() * scaling
+        scores = torch.cat([pruned, window], dim=-1)
+    else:
+        scores = pruned
     stored = scores.shape[-1]
     visible = visible_mask(attention_mask, b, s, layer.seen, layer.seen, query.device)  # [B, 1, S, seen]
     if layer.positions is None:

@@ -37,14 +37,17 @@ class FP8Rows:
         """``(rows, scale)`` with ``rows * scale`` equal to :meth:`decode`, cheaply, for attention to fold
         ``scale`` [..., T] (fp32) into its scores and probabilities instead of scaling every element.
 
-        An FP8 number's bits, shifted into a bf16's exponent and mantissa fields, are that number
-        times 2^(127 - bias), subnormals included; the power of two goes into ``scale``. Integer
-        shifts run about 4x faster on CPU than torch's FP8 cast, which made FP8 decoding 0.4x.
+        An FP8 number's bits, shifted into an fp32's exponent and mantissa fields, are that number
+        times 2^(127 - bias), subnormals included; the power of two goes into ``scale``. Read as int8,
+        the code sign-extends, so one shift and one mask place sign, exponent and mantissa: three
+        passes over the cache instead of the seven of a bf16 detour, and about 7x fewer than torch's
+        FP8 cast, which made FP8 decoding 0.4x.
         """
-        shift, bias = (4, 7) if self.payload.dtype == torch.float8_e4m3fn else (5, 15)
-        b = self.payload.view(torch.uint8).to(torch.int16)
-        rows = (((b & 0x80) << 8) | ((b & 0x7F) << shift)).view(torch.bfloat16)
-        return rows.to(dtype), self.scale.squeeze(-1).float() * 2.0 ** (127 - bias)
+        shift, bias = (20, 7) if self.payload.dtype == torch.float8_e4m3fn else (21, 15)
+        mask = (0x80000000 | (0x7F << shift)) - (1 << 32)  # sign bit and the 7 magnitude bits, as int32
+        bits = self.payload.view(torch.int8).to(torch.int32).bitwise_left_shift_(shift).bitwise_and_(mask)
+        rows = bits.view(torch.float32)
+        return rows if dtype == torch.float32 else rows.to(dtype), self.scale.squeeze(-1).float() * 2.0 ** (127 - bias)
 
     def cat(self, other: FP8Rows) -> FP8Rows:
         """Append ``other``'s tokens (dim -2); fp8 tensors are concatenated through a uint8 view."""
