@@ -102,6 +102,7 @@ def retrieval(args: argparse.Namespace) -> None:
     if args.quick:  # one key per filler and depth
         rows = rows[::len(rows) // 10]
     rows = rows[:args.limit] if args.limit else rows
+    rows = rows[::args.every]
     model = LlamaForCausalLM.from_pretrained(data["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(data["model"])
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -173,7 +174,8 @@ def retrieval(args: argparse.Namespace) -> None:
             "threads": torch.get_num_threads(), "seconds": round(time.time() - start, 1), "torch": torch.__version__,
             "transformers": transformers.__version__, "kvpress": getattr(kvpress, "__version__", "?"),
             "quick": args.quick}
-    out_path = Path(args.prompts) / f"kvpress-{args.length}{'-quick' if args.quick else ''}.json"
+    subset = ("-quick" if args.quick else "") + (f"-every{args.every}" if args.every > 1 else "")
+    out_path = Path(args.prompts) / f"kvpress-{args.length}{subset}.json"
     out_path.write_text(json.dumps({"prompts": len(rows), "tokens": len(rows[0]["ids"]), "rows": result,
                                     "meta": meta}, indent=1))
 
@@ -250,6 +252,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(RETRIEVAL_PRESSES), help="retrieval: presses")
     parser.add_argument("--quick", action="store_true", help="retrieval: 10 prompts (one per filler and depth)")
     parser.add_argument("--limit", type=int, default=None, help="retrieval: first N prompts only")
+    parser.add_argument("--every", type=int, default=1, help="retrieval: every N-th prompt (as kvprune_retrieval.py)")
     parser.add_argument("--new", type=int, default=16, help="retrieval: most tokens decoded per answer")
     parser.add_argument("--index", type=int, default=0, help="dump: the prompt whose kept tokens are saved")
     args = parser.parse_args()

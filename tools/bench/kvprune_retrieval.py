@@ -4,6 +4,7 @@
     python tools/bench/kvprune_retrieval.py eval --length 1024 [--quick] [--settings full think0.5 ...]
     python tools/bench/kvprune_retrieval.py timing --length 1024      # decode tokens/s against the full cache
     python tools/bench/kvprune_retrieval.py compare --length 1024     # kept tokens/channels beside kvpress's dump
+    python tools/bench/kvprune_retrieval.py table --length 1024       # markdown: memwise beside kvpress
     /tmp/kvpress-venv/bin/python tools/bench/kvprune_kvpress.py retrieval --length 1024   # kvpress, same prompts
 
 Each prompt is SmolLM2-135M-Instruct's chat template around one user message: an
@@ -348,6 +349,36 @@ def compare(model: LlamaForCausalLM, ids: list[int], theirs: dict) -> dict:
     return {"layers": layers, "decode": decode}
 
 
+def suffix(quick: bool, every: int) -> str:
+    """The result files' name part for a subset of the prompts."""
+    return ("-quick" if quick else "") + (f"-every{every}" if every > 1 else "")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def table(out: Path, length: int, subset: str = "") -> str:
+    """Markdown of the saved evaluations at ``length``: accuracy and bytes per setting, memwise beside
+    kvpress (the same prompts), each against its own full cache."""
+    ours = json.loads((out / f"memwise-{length}{subset}.json").read_text())
+    path = out / f"kvpress-{length}{subset}.json"
+    theirs = {r["setting"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    full = next(r for r in ours["rows"] if r["setting"] == "full")
+    lines = [f"{ours['prompts']} prompts of {ours['tokens']} tokens; accuracy in % (prose / code), bytes of the "
+             "cache in bf16 against the bf16 full cache", "",
+             "| setting | bytes (MB) | x fewer | memwise | vs full | kvpress, same press |",
+             "|---|---|---|---|---|---|"]
+    for r in ours["rows"]:
+        t = theirs.get(r["setting"].replace("+fp8", ""))
+        kv = f"{t['accuracy']:.0f} ({_pct(t['prose'])} / {_pct(t['code'])})" if t else "-"
+        if t and r["setting"].endswith("+fp8"):
+            kv += " (no FP8)"
+        lines.append(f"| {r['setting']} | {r['bytes_bf16'] / 1e6:.2f} | {r['x_fewer']:.2f}x | {r['accuracy']:.0f} "
+                     f"({_pct(r['prose'])} / {_pct(r['code'])}) | {r['accuracy'] - full['accuracy']:+.0f} | {kv} |")
+    return "\n".join(lines)
+
+
 def load_model(folder: Path) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -365,6 +396,8 @@ def main() -> None:
     e.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
     e.add_argument("--limit", type=int, default=None, help="first N prompts only")
     e.add_argument("--quick", action="store_true", help="10 prompts (one per filler and depth)")
+    e.add_argument("--every", type=int, default=1, help="every N-th prompt (3: 34 prompts over both fillers and "
+                   "all depths)")
     e.add_argument("--new", type=int, default=16, help="most tokens decoded per answer")
     t = sub.add_parser("timing", help="decode tokens/s of each setting against the full cache, interleaved")
     t.add_argument("--length", type=int, default=1024)
@@ -374,7 +407,10 @@ def main() -> None:
     c = sub.add_parser("compare", help="kept tokens and channels per layer beside kvpress's (after its dump)")
     c.add_argument("--length", type=int, default=1024)
     c.add_argument("--index", type=int, default=0, help="the prompt kvprune_kvpress.py dump --index used")
-    for q in (p, e, t, c):
+    m = sub.add_parser("table", help="markdown of the saved memwise and kvpress evaluations")
+    m.add_argument("--length", type=int, default=1024)
+    m.add_argument("--every", type=int, default=1, help="the subset eval --every N wrote")
+    for q in (p, e, t, c, m):
         q.add_argument("--model", type=Path, default=None)
         q.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -388,6 +424,9 @@ def main() -> None:
             torch.save(data, args.out / f"prompts-{length}.pt")
             sizes = [len(r["ids"]) for r in data["rows"]]
             print(f"{length}: {len(sizes)} prompts, {min(sizes)}-{max(sizes)} tokens")
+        return
+    if args.cmd == "table":
+        print(table(args.out, args.length, suffix(False, args.every)))
         return
     data = torch.load(args.out / f"prompts-{args.length}.pt", weights_only=True)
     if args.cmd == "compare":
@@ -412,16 +451,17 @@ def main() -> None:
         return
     if args.quick:  # one key per filler and depth
         data["rows"] = data["rows"][::len(data["rows"]) // (2 * len(DEPTHS))]
+    data["rows"] = data["rows"][::args.every]
     model = load_model(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     start = time.time()
     result = evaluate(model, tok, data, args.settings, args.new, args.limit, log=lambda s: print(s, flush=True))
     result["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                       "threads": torch.get_num_threads(), "seconds": round(time.time() - start, 1),
-                      "torch": torch.__version__, "quick": args.quick}
+                      "torch": torch.__version__, "quick": args.quick, "every": args.every}
     for r in result["rows"]:
         print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
-    name = f"memwise-{args.length}{'-quick' if args.quick else ''}.json"
+    name = f"memwise-{args.length}{suffix(args.quick, args.every)}.json"
     (args.out / name).write_text(json.dumps(result, indent=1))
 
 
