@@ -337,13 +337,15 @@ def compare(model: LlamaForCausalLM, ids: list[int], theirs: dict) -> dict:
                     for h, c in enumerate(t_layer.channels[0].long().tolist())]
         layers.append({"layer": i, "snapkv_token_jaccard": round(sum(jaccard) / len(jaccard), 3),
                        "think_channel_overlap": round(sum(channels) / len(channels), 3)})
-    decode = {}
+    decode, traces = {}, {}
     for name, cache in (("full", dense), *caches.items()):
-        trace = decode_step_trace(model, cache, first)
+        trace = traces[name] = decode_step_trace(model, cache, first)
         mine, ref = trace["logits"], theirs[f"{name}.logits"]
         decode[name] = {"logits": {**_closeness(mine, ref), "same_argmax": int(mine.argmax()) == int(ref.argmax()),
                                    "top10_overlap": len(set(mine.topk(10).indices.tolist())
                                                         & set(ref.topk(10).indices.tolist())) / 10},
+                        "memwise_vs_its_full_rel_l2": round(_closeness(mine, traces["full"]["logits"])["rel_l2"], 6),
+                        "kvpress_vs_its_full_rel_l2": round(_closeness(ref, theirs["full.logits"])["rel_l2"], 6),
                         "attention_rel_l2": [round(_closeness(a, b)["rel_l2"], 6)
                                              for a, b in zip(trace["attention"], theirs[f"{name}.attention"])]}
     return {"layers": layers, "decode": decode}
@@ -435,8 +437,9 @@ def main() -> None:
         for r in result["layers"]:
             print(json.dumps(r))
         for name, r in result["decode"].items():
-            print(json.dumps({"setting": name, "logits": r["logits"],
-                              "attention_rel_l2_max": max(r["attention_rel_l2"])}))
+            print(json.dumps({"setting": name, "logits": r["logits"], "attention_rel_l2_max": max(r["attention_rel_l2"]),
+                              "memwise_vs_its_full": r["memwise_vs_its_full_rel_l2"],
+                              "kvpress_vs_its_full": r["kvpress_vs_its_full_rel_l2"]}))
         (args.out / f"compare-{args.length}.json").write_text(json.dumps({"index": args.index, **result}, indent=1))
         return
     if args.cmd == "timing":
