@@ -44,6 +44,7 @@ class PluginHost:
     def __init__(self, plugins: Sequence[Plugin]) -> None:
         self.plugins = list(plugins)
         self._generation_mark = 0
+        self._torn_down = False
         self.changes: dict[str, list[str]] = {}
         """Per plugin, the modules its surgery changed (after ``estimate(transform=True)`` or ``transform_model``)."""
         self.pm = pluggy.PluginManager("memwise")
@@ -130,6 +131,7 @@ class PluginHost:
         return self.changes
 
     def _transform_one(self, p: Plugin, ctx: Any) -> None:
+        self._torn_down = False  # new surgery: the next teardown has something to undo
         if not self.implements(p, "memwise_transform_model") or not p.transforms_model():
             return
         before = module_signature(ctx.model)
@@ -221,7 +223,12 @@ class PluginHost:
     def teardown(self, ctx: Any) -> None:
         """The one undo path: plugin by plugin in reverse plan order, its ``ctx.on_teardown``
         actions (newest first), then its ``memwise_teardown``; then actions registered outside
-        any hook. A failing one never skips the others; every failure is reported together."""
+        any hook. A failing one never skips the others; every failure is reported together.
+        Runs once: a second call (a front end's ``finally`` after its own teardown) does nothing
+        until new surgery."""
+        if self._torn_down:
+            return
+        self._torn_down = True
         errors: list[BaseException] = []
         for plugin in reversed(self.plugins):
             try:

@@ -155,6 +155,10 @@ class MemwiseCallback(pl.Callback):
         self.host.load_state_dict(self.ctx, state.get("plugins", {}))
         self._pending_state = None
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A failed fit undoes the surgery too (Lightning calls no ``teardown`` after an exception)."""
+        self.teardown(trainer, pl_module, "fit")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.leader is not self or self.host is None:
             return
