@@ -296,7 +296,7 @@ def variants(cls: type) -> list[Any]:
     import yaml
 
     out = [cls()]
-    for switch in getattr(cls, "capability_switch", {}).values():
+    for switch in cls.capability_switch.values():
         key, _, value = switch.partition(":")
         field_name = key.strip().split(".", 1)[-1]
         out.append(cls(**{field_name: yaml.safe_load(value)}))
