@@ -210,6 +210,17 @@ def _claim_report_folder(folder: Any) -> Any:
     return lock
 
 
+def quiet_lightning() -> None:
+    """Hide Lightning's banner (hardware summary, logger tips) and its pytree deprecation warning:
+    a run's own output says what it trains, on what, and how it goes."""
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def _train(run: Any, args: argparse.Namespace) -> int:
     from memwise import files, report
     from memwise.checkpoint import manifest
@@ -226,6 +237,7 @@ def _train(run: Any, args: argparse.Namespace) -> int:
         raise RecipeError([Problem("report.save_model", f"plugin(s) {', '.join(reshaped)} change the model's modules, "
                                    "so it would not load as a plain model folder; keep the checkpoint instead "
                                    "(or use the plugin's own export)")], source=args.recipe)
+    quiet_lightning()
     trainer = run.make_trainer()
     run.ctx.trainer = trainer
     module, datamodule = RecipeModule(run), RecipeDataModule(run)

@@ -43,7 +43,8 @@ class RunContext:
     """The resolved recipe as plain data (manifests); read settings from ``config`` instead."""
     config: Any = None
     """The typed recipe (memwise.recipe.RecipeConfig): ``ctx.config.optimizer.name``, ``ctx.config.data``...
-    None in callback mode, where the user's own code holds these settings."""
+    Built from ``recipe`` when only that is given; None in callback mode, where the user's own
+    code holds these settings (a plugin then checks nothing against them)."""
     model: Any = None
     optimizer: Any = None
     schedulers: list = field(default_factory=list)
@@ -65,10 +66,12 @@ class RunContext:
     """The plugin whose hook runs now (set by the PluginHost): the owner of undo actions it registers."""
     _undo: list = field(default_factory=list)
 
-    @property
-    def optimizer_name(self) -> str:
-        """The recipe's base optimizer (``adamw`` in callback mode, where memwise cannot know it)."""
-        return self.config.optimizer.name if self.config is not None else "adamw"
+    def __post_init__(self) -> None:
+        if self.config is None and self.recipe:
+            from memwise.recipe import RecipeConfig
+            from memwise.schema import build
+
+            self.config = build(RecipeConfig, dict(self.recipe), path="recipe")
 
     def on_teardown(self, fn: Callable[[], Any]) -> None:
         """Register an undo action; the PluginHost's teardown runs it in the registering plugin's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ class Run:
         self.stop_signal: int | None = None
         """Set by the CLI's SIGINT/SIGTERM handler: stop after the current step."""
         self.signal_handler: Any = None
+        self.interactive = sys.stdout.isatty()
+        """stdout is a terminal: a progress bar when the recipe asks for one; else a line every
+        ``trainer.log_every_n_steps`` steps, so that a piped or logged run is never silent."""
 
     # --- building -------------------------------------------------------------------------
 
@@ -203,7 +207,8 @@ class Run:
         # RecipeDataModule resumes its sampler at the exact batch (skip_to); Lightning cannot see that
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         callbacks = []
-        if t.progress_bar:
+        bar = t.progress_bar and self.interactive
+        if bar:
             from lightning.pytorch.callbacks import RichProgressBar
 
             callbacks.append(RichProgressBar(leave=True))
@@ -216,7 +221,7 @@ class Run:
             max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
             num_nodes=t.num_nodes, strategy=strategy, logger=False, enable_checkpointing=False,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            use_distributed_sampler=False, enable_progress_bar=t.progress_bar, callbacks=callbacks,
+            use_distributed_sampler=False, enable_progress_bar=bar, callbacks=callbacks,
             plugins=[AtomicCheckpointIO()], max_epochs=-1,
         )
 

@@ -25,7 +25,7 @@ class FreezeEmbeddings(memwise.Plugin):
     def memwise_estimate_memory(self, ctx, estimate):
         params = [p for p in ctx.model.get_input_embeddings().parameters() if p.requires_grad]
         return MemoryDelta(gradients=-sum(p.numel() * p.element_size() for p in params),
-                           optimizer_state=-state_bytes(params, ctx.optimizer_name))
+                           optimizer_state=-state_bytes(params, ctx.config.optimizer.name))
 
     @hookimpl
     def memwise_transform_model(self, ctx):
@@ -45,7 +45,7 @@ class Momentum(memwise.Plugin):
     def memwise_estimate_memory(self, ctx, estimate):
         trainable = [p for p in ctx.model.parameters() if p.requires_grad]
         sgd = state_bytes(trainable, OptimizerConfig(name="sgd", momentum=0.9))
-        return MemoryDelta(optimizer_state=sgd - state_bytes(trainable, ctx.optimizer_name))
+        return MemoryDelta(optimizer_state=sgd - state_bytes(trainable, ctx.config.optimizer.name))
 
     @hookimpl
     def memwise_configure_optimizer(self, ctx):
@@ -152,3 +152,44 @@ def test_hooks_asking_pluggy_for_their_own_order_are_refused():
 
     with pytest.raises(MemwiseError, match="eager.*tryfirst.*phase, before or after"):
         PluginHost([Eager()])
+
+
+def test_piped_run_prints_progress_lines_without_lightning_banner(cli, micro, tmp_path, caplog):
+    """stdout is not a terminal under capsys: a line every log_every_n_steps steps (and at each
+    validation), and none of Lightning's hardware banner, logger tip or LeafSpec warning."""
+    import logging
+    import warnings
+
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = cli("run", micro, f"report.dir={tmp_path}", "trainer.log_every_n_steps=2",
+                             "trainer.progress_bar=true")
+    assert code == 0, err
+    steps = [line.split(":")[0] for line in out.splitlines() if line.startswith("step ")]
+    assert steps == ["step 2/6", "step 3/6", "step 4/6", "step 6/6"]
+    shown = out + err + caplog.text
+    for noise in ("GPU available", "TPU available", "litlogger"):
+        assert noise not in shown, noise
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
+
+
+def test_memory_figure_shows_baseline_plan_and_measured_with_totals():
+    from memwise.memory import CATEGORIES
+    from memwise.report import memory_figure
+
+    mib = 2 ** 20
+    base = {c: 4 * mib for c in CATEGORIES}
+    plan = {**base, "optimizer_state": mib}
+    memory = {"predicted": plan, "predicted_steps": [{"label": "baseline", **base}, {"label": "+ x", **plan}],
+              "measured": {"peak_total": 20 * mib, "headline": plan}}
+    fig, ax = memory_figure(memory)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["baseline (predicted)", "plan (predicted)", "measured"]
+    heights = [[bar.get_height() for bar in container] for container in ax.containers]
+    optimizer = CATEGORIES.index("optimizer_state")
+    assert [h[optimizer] for h in heights] == [4.0, 1.0, 1.0]
+    assert ax.get_title() == "device memory per step (MiB): baseline 24.0, plan 21.0, measured peak 20.0"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

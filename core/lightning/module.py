@@ -125,13 +125,17 @@ class RecipeModule(pl.LightningModule):
                "tokens": self.tokens_seen, "nonfinite_skips": self.nonfinite_skips, "targets": self.targets_seen,
                "seq_len": int(batch["input_ids"].shape[1]),
                "elapsed_s": round(self._elapsed_before + time.perf_counter() - self._start, 3)}
-        every = self.run.cfg.trainer.val_every_n_steps
-        if step % every == 0 or step == self.trainer.max_steps:
+        t = self.run.cfg.trainer
+        lines = not (t.progress_bar and self.run.interactive)  # no bar: progress as printed lines
+        if step % t.val_every_n_steps == 0 or step == self.trainer.max_steps:
             row["val_loss"] = self.evaluate()
             self.log("val_loss", row["val_loss"], prog_bar=True, rank_zero_only=True)
-            if not self.run.cfg.trainer.progress_bar and self.trainer.is_global_zero:
+            if lines and self.trainer.is_global_zero:
                 print(f"step {step}/{self.trainer.max_steps}: train loss {row['train_loss']:.4f}, "
                       f"validation loss {row['val_loss']:.4f}, {row['elapsed_s']:.0f} s", flush=True)
+        elif lines and not self.run.interactive and step % t.log_every_n_steps == 0 and self.trainer.is_global_zero:
+            print(f"step {step}/{self.trainer.max_steps}: train loss {row['train_loss']:.4f}, "
+                  f"{row['elapsed_s']:.0f} s", flush=True)
         self.history.append(row)
         self.log("train_loss", row["train_loss"], prog_bar=True, rank_zero_only=True)
         ckpt_every = self.run.cfg.trainer.checkpoint_every_n_steps

@@ -51,7 +51,7 @@ class FreezePlugin(memwise.Plugin):
     def memwise_estimate_memory(self, ctx, estimate) -> MemoryDelta:
         params = [p for p in frozen_parameters(ctx.model, self.config.modules).values() if p.requires_grad]
         grad = tensor_bytes(params)
-        opt_state = state_bytes(params, ctx.optimizer_name)
+        opt_state = state_bytes(params, ctx.config.optimizer if ctx.config else "adamw")
         return MemoryDelta(gradients=-grad, optimizer_state=-opt_state, note=f"{len(params)} tensors frozen")
 
     @hookimpl
