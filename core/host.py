@@ -98,6 +98,7 @@ class PluginHost:
 
     def validate(self, ctx: Any) -> list[Problem]:
         """Every plugin's problems, each keyed (a problem without a key is keyed by its plugin)."""
+        self._torn_down = False  # a new setup: the next teardown has work to do
         problems = []
         for plugin, found in self.each("memwise_validate", ctx=ctx):
             problems += [p if p.key else Problem(f"plugin '{plugin.name}'", p.message) for p in found or []]
@@ -150,6 +151,7 @@ class PluginHost:
     def configure_optimizer(self, ctx: Any, schedulers: Sequence[Any] = ()) -> Any:
         """The plugins' wrapping or replacement of ``ctx.optimizer``; schedulers already built on
         the old optimizer are moved onto a replacement. Returns the optimizer to step."""
+        self._torn_down = False
         old = ctx.optimizer
         self.call("memwise_configure_optimizer", ctx)
         if ctx.optimizer is not old and schedulers:
@@ -225,7 +227,7 @@ class PluginHost:
         actions (newest first), then its ``memwise_teardown``; then actions registered outside
         any hook. A failing one never skips the others; every failure is reported together.
         Runs once: a second call (a front end's ``finally`` after its own teardown) does nothing
-        until new surgery."""
+        until the next validation, surgery or optimizer setup."""
         if self._torn_down:
             return
         self._torn_down = True

@@ -84,9 +84,10 @@ class MemwiseCallback(pl.Callback):
             raise MemwiseError(f"memwise plugins need exactly one optimizer in callback mode, "
                                f"the module configured {len(trainer.optimizers)}")
         ctx = self.ctx
-        ctx.optimizer = trainer.optimizers[0]
+        old = ctx.optimizer = trainer.optimizers[0]
         ctx.schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-        trainer.optimizers = [self.host.configure_optimizer(ctx, ctx.schedulers)]
+        if self.host.configure_optimizer(ctx, ctx.schedulers) is not old:
+            trainer.optimizers = [ctx.optimizer]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.leader is not self:
