@@ -6,8 +6,7 @@ from memwise.hookspecs import HOOK_API
 from memwise.memory import MemoryDelta, MemoryEstimate
 from memwise.plugin import Plugin, hookimpl
 from memwise.schema import option, required
-
-__version__ = "0.1.0"
+from memwise.version import __version__
 
 __all__ = [
     "HOOK_API", "ClaimConflict", "MemoryDelta", "MemoryEstimate", "MemwiseError", "NoEffectWarning",

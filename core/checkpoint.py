@@ -15,14 +15,13 @@ from memwise import manager
 from memwise.errors import InputError, WriteError
 from memwise.files import write_failure
 from memwise.hookspecs import HOOK_API
+from memwise.version import __version__
 
 
 def manifest(plugins: list, recipe: dict | None = None) -> dict:
     """Plugins, their distributions, versions and resolved configs, as plain dicts."""
-    import memwise
-
     return {
-        "memwise_version": memwise.__version__,
+        "memwise_version": __version__,
         "hook_api": HOOK_API,
         "plugins": [{"name": p.name, "distribution": p.distribution, "version": p.version(),
                      "config": p.config_dict(), "required_on_load": p.required_on_load} for p in plugins],

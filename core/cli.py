@@ -141,8 +141,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     run = _prepare(args, "fit")
-    rows = run.estimates(run.ctx.model)
-    run.transform()
+    rows = run.estimate_and_transform()
     console.print(_plan_table(run))
     console.print(_estimate_table(rows))
     for label, _, note in rows[1:]:
@@ -211,6 +210,17 @@ def _claim_report_folder(folder: Any) -> Any:
     return lock
 
 
+def quiet_lightning() -> None:
+    """Hide Lightning's banner (hardware summary, logger tips) and its pytree deprecation warning:
+    a run's own output says what it trains, on what, and how it goes."""
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def _train(run: Any, args: argparse.Namespace) -> int:
     from memwise import files, report
     from memwise.checkpoint import manifest
@@ -219,15 +229,15 @@ def _train(run: Any, args: argparse.Namespace) -> int:
     from memwise.lightning.module import RecipeModule
 
     run.build()
-    rows = run.estimates(run.ctx.model)
+    rows = run.estimate_and_transform()
     est = rows[-1][1]
     files.check_space(run.ctx.report_dir, int(1.1 * (est.parameters + est.optimizer_state)) + 2 ** 20)
-    run.transform()
     reshaped = [name for name, changed in run.changes.items() if changed]
     if run.cfg.report.save_model and reshaped:
         raise RecipeError([Problem("report.save_model", f"plugin(s) {', '.join(reshaped)} change the model's modules, "
                                    "so it would not load as a plain model folder; keep the checkpoint instead "
                                    "(or use the plugin's own export)")], source=args.recipe)
+    quiet_lightning()
     trainer = run.make_trainer()
     run.ctx.trainer = trainer
     module, datamodule = RecipeModule(run), RecipeDataModule(run)
@@ -256,7 +266,7 @@ def _train(run: Any, args: argparse.Namespace) -> int:
                            "measured": {**measured.as_dict(), "headline": measured.headline()}})
     if not trainer.is_global_zero:
         return 0
-    run.host.hook.memwise_on_fit_end(ctx=run.ctx)
+    run.host.fit_end(run.ctx)
     mem: dict[str, Any] = {"predicted": rows[-1][1].as_dict(),
                            "predicted_steps": [{"label": lbl, **e.as_dict(), "note": note} for lbl, e, note in rows]}
     if run.cfg.report.probe_memory:
@@ -330,14 +340,21 @@ def prompt_ids(tok: Any, prompt: str, chat: bool | None = None, system: str | No
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from memwise.checkpoint import safe_load
-
     run = _prepare(args, "generate")
     if run.recipe.set_aside:
         console.print(f"training-only plugins not used for generation: {', '.join(run.recipe.set_aside)}")
     run.transform()
+    try:
+        return _generate(run, args)
+    finally:
+        run.host.teardown(run.ctx)  # always, in reverse plan order
+
+
+def _generate(run: Any, args: argparse.Namespace) -> int:
+    import torch
+
+    from memwise.checkpoint import safe_load
+
     ctx, gen = run.ctx, run.cfg.generate
     if args.max_new_tokens is not None:
         gen.max_new_tokens = args.max_new_tokens
@@ -358,8 +375,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = ctx.tokenizer
     for prompt in args.prompt:
         ids = torch.tensor([prompt_ids(tok, prompt, gen.chat, gen.system_prompt)])
-        ctx.generate_kwargs = {}
-        run.host.hook.memwise_wrap_generation(ctx=ctx)
+        run.host.wrap_generation(ctx)
         try:
             with torch.no_grad():
                 out = ctx.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -369,7 +385,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                          pad_token_id=tok.pad_id, eos_token_id=tok.eod_id, **ctx.generate_kwargs)
             cache = ctx.generate_kwargs.get("cache", ctx.generate_kwargs.get("past_key_values"))
         finally:
-            ctx.run_teardown()
+            run.host.end_generation(ctx)
         console.print(f"[bold]{prompt}[/bold]{tok.decode(out[0, ids.shape[1]:].tolist())}")
         if cache is not None and hasattr(cache, "nbytes"):
             console.print(f"  KV cache: {cache.nbytes():,} bytes")
@@ -509,13 +525,10 @@ def _plugin_commands(sub: Any) -> None:
             instances.append(manager.load(name)())
         except Exception as err:  # noqa: BLE001 - one broken plugin must not break the CLI
             warnings.warn(f"plugin '{name}' could not be loaded: {err}", stacklevel=2)
-    host = manager.PluginHost(instances) if instances else None
-    for plugin in instances:
-        if host.implements(plugin, "memwise_add_cli_commands"):
-            try:
-                plugin.memwise_add_cli_commands(subparsers=sub)
-            except Exception as err:  # noqa: BLE001 - reported, the other commands stay usable
-                warnings.warn(f"plugin '{plugin.name}' could not add its commands: {err}", stacklevel=2)
+    if instances:
+        from memwise.host import PluginHost
+
+        PluginHost(instances).add_cli_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

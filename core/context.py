@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
+from memwise.errors import TeardownError
 from memwise.plan import ClaimsLedger
+
+ANY_OWNER = object()
+"""``run_teardown``'s default: the undo actions of every plugin and of none."""
 
 
 @dataclass
@@ -36,6 +40,11 @@ class RunContext:
     stage: str
     plugins: list = field(default_factory=list)
     recipe: dict = field(default_factory=dict)
+    """The resolved recipe as plain data (manifests); read settings from ``config`` instead."""
+    config: Any = None
+    """The typed recipe (memwise.recipe.RecipeConfig): ``ctx.config.optimizer.name``, ``ctx.config.data``...
+    Built from ``recipe`` when only that is given; None in callback mode, where the user's own
+    code holds these settings (a plugin then checks nothing against them)."""
     model: Any = None
     optimizer: Any = None
     schedulers: list = field(default_factory=list)
@@ -53,20 +62,37 @@ class RunContext:
     claims: ClaimsLedger = field(default_factory=ClaimsLedger)
     shared: dict = field(default_factory=dict)
     """Free space for plugins to leave facts for each other (namespaced by plugin name)."""
+    acting: str | None = None
+    """The plugin whose hook runs now (set by the PluginHost): the owner of undo actions it registers."""
     _undo: list = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.config is None and self.recipe:
+            from memwise.recipe import RecipeConfig
+            from memwise.schema import build
+
+            self.config = build(RecipeConfig, dict(self.recipe), path="recipe")
+
     def on_teardown(self, fn: Callable[[], Any]) -> None:
-        """Register an undo action; run in reverse order at teardown."""
-        self._undo.append(fn)
+        """Register an undo action; the PluginHost's teardown runs it in the registering plugin's
+        turn (reverse plan order), newest first."""
+        self._undo.append((self.acting, fn))
 
-    def run_teardown(self) -> None:
-        """Every undo action, newest first; a failing one never skips the others."""
-        from memwise.errors import TeardownError
+    def undo_mark(self) -> int:
+        """How many undo actions are registered now (``run_teardown(since=...)`` runs the newer ones)."""
+        return len(self._undo)
 
+    def run_teardown(self, owner: Any = ANY_OWNER, since: int = 0) -> None:
+        """Undo actions newest first (those of ``owner`` only when given, those registered after
+        ``since`` only); a failing one never skips the others."""
         errors = []
-        while self._undo:
+        for i in range(len(self._undo) - 1, since - 1, -1):
+            who, fn = self._undo[i]
+            if owner is not ANY_OWNER and who != owner:
+                continue
+            del self._undo[i]
             try:
-                self._undo.pop()()
+                fn()
             except Exception as err:  # noqa: BLE001 - gathered, reported together
                 errors.append(err)
         if errors:

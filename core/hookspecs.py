@@ -1,9 +1,12 @@
 """Every hook a memwise plugin can implement: the reference for plugin authors.
 
-Each hook gets ``ctx`` (a :class:`memwise.context.RunContext`): the recipe, model,
-optimizer, dataloaders, trainer, memory estimate and claims ledger. Ordered hooks are
-called in plan order (phase, then before/after, then recipe order) and see the changes
-of the plugins before them through ``ctx``. This module holds only specifications.
+Each hook gets ``ctx`` (a :class:`memwise.context.RunContext`): the typed recipe, model,
+optimizer, dataloaders, trainer, memory estimate and claims ledger. Every hook is called by
+:class:`memwise.host.PluginHost`, plugin by plugin in plan order (phase, then before/after,
+then recipe order), and sees the changes of the plugins before it through ``ctx``; the one
+exception is teardown, in reverse plan order. Plugins are ordered by the plan only: a
+hookimpl marked ``tryfirst``, ``trylast`` or as a wrapper is refused. This module holds only
+specifications.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ def memwise_estimate_memory(ctx: Any, estimate: Any) -> Any:
     """Predict the plugin's effect on each memory category, for ``memwise explain``.
 
     ``estimate`` is the :class:`memwise.memory.MemoryEstimate` after the plugins before
-    this one; ``ctx.model`` is the baseline model and ``ctx.workload`` the batch shape.
+    this one; ``ctx.model`` is the model as the plugins before this one left it (their
+    surgery has run, this plugin's has not; ``memwise plan`` passes a meta model without
+    surgery) and ``ctx.workload`` the batch shape. Count plain AdamW state with
+    :func:`memwise.optim.state_bytes`.
     Return a :class:`memwise.memory.MemoryDelta` (signed bytes per category) or None.
     """
 
@@ -72,12 +78,19 @@ def memwise_on_train_batch_start(ctx: Any, batch: Any, batch_idx: int) -> None:
 
 @hookspec
 def memwise_on_before_optimizer_step(ctx: Any, optimizer: Any) -> None:
-    """Called after backward (gradients are ready) and before ``optimizer.step()``."""
+    """Called after backward (gradients are ready) and before ``optimizer.step()``.
+
+    For example, read the learning rate the schedule set for this step, or clip or inspect
+    gradients of the parameters the plugin manages.
+    """
 
 
 @hookspec
 def memwise_on_train_batch_end(ctx: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-    """Called after the optimizer step of every training batch."""
+    """Called after the optimizer step of every training batch (``outputs``: the detached loss).
+
+    For example, refresh a plugin's per-step statistics or log what it changed.
+    """
 
 
 @hookspec
@@ -109,7 +122,10 @@ def memwise_load_state_dict(ctx: Any, state: dict) -> None:
 
 @hookspec
 def memwise_teardown(ctx: Any) -> None:
-    """Undo the plugin's changes; called in reverse plan order."""
+    """Undo the plugin's changes; called in reverse plan order, once, also after a failure.
+
+    A plugin's own ``ctx.on_teardown`` actions run just before this hook (newest first).
+    """
 
 
 @hookspec

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 
-from memwise.memory import tensor_bytes
 from memwise.schema import option
 
 
@@ -54,14 +54,23 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def state_bytes(model: torch.nn.Module, cfg: OptimizerConfig) -> int:
-    """Optimizer-state bytes after the first step, exactly as torch allocates them."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+ADAM_STEP_BYTES = 4
+"""The fp32 ``step`` tensor torch's Adam and AdamW keep per parameter."""
+
+
+def state_bytes(params: Iterable[torch.Tensor], optimizer: str | OptimizerConfig = "adamw") -> int:
+    """Optimizer-state bytes of ``params`` after the first step, exactly as torch allocates them.
+
+    The one place the formula lives: Adam/AdamW keep two moments shaped like the parameter
+    plus a 4-byte ``step``; SGD keeps a momentum buffer when momentum is on. Plugins whose
+    optimizer leaves some parameters in plain AdamW count those with this function.
+    """
+    cfg = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)
+    sizes = [p.numel() * p.element_size() for p in params]  # torch allocates zeros_like(p) per parameter
     if cfg.name in ("adamw", "adam"):
-        # exp_avg and exp_avg_sq like the parameter, plus a 4-byte fp32 `step` per tensor
-        return 2 * tensor_bytes(trainable) + 4 * len(trainable)
+        return sum(2 * size + ADAM_STEP_BYTES for size in sizes)
     if cfg.momentum:
-        return tensor_bytes(trainable)
+        return sum(sizes)
     return 0
 
 

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from memwise.errors import ClaimConflict, Problem
-from memwise.plugin import CAPABILITIES, PHASES, STAGES, Plugin
+
+if TYPE_CHECKING:
+    from memwise.plugin import Plugin
+
+STAGES = ("fit", "generate")
+"""Stages a plugin may act at (``Plugin.stages``): training, or generation and prediction."""
+PHASES = ("data", "prune", "adapt", "replace", "wrap", "optimizer", "runtime")
+"""Plan order of ``Plugin.phase``: a plugin runs after every plugin of an earlier phase."""
+CAPABILITIES = ("activation.storage", "activation.placement", "optimizer.states", "kv.cache", "data.batching",
+                "linear.compute", "loss.head")
+"""What a plugin may take (``provides``) or need (``requires``); two providers of one clash."""
 
 
 def order(plugins: Sequence[Plugin]) -> tuple[list[Plugin], list[Problem]]:

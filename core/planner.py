@@ -24,6 +24,8 @@ from memwise import manager, memory, plan
 from memwise.context import RunContext, Workload
 from memwise.errors import MemwiseError, Problem, RecipeError
 from memwise.memory import MemoryEstimate
+from memwise.optim import OptimizerConfig, state_bytes
+from memwise.recipe import RecipeConfig
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -130,6 +132,13 @@ def _bytes(t: torch.Tensor, shards: int = 1) -> int:
     return rows * (t.numel() // max(t.shape[0], 1)) * t.element_size()
 
 
+def _shard(t: torch.Tensor, shards: int) -> torch.Tensor:
+    """A meta tensor shaped like one rank's FSDP2 shard of ``t`` (what its optimizer state is sized by)."""
+    if shards == 1 or t.ndim == 0:
+        return t
+    return torch.empty((math.ceil(t.shape[0] / shards), *t.shape[1:]), dtype=t.dtype, device="meta")
+
+
 def sharded_state(model: torch.nn.Module, shards: int) -> dict[str, int]:
     """Parameters (with replicated buffers), gradients and AdamW state per rank."""
     params = _distinct(model.parameters())
@@ -137,7 +146,7 @@ def sharded_state(model: torch.nn.Module, shards: int) -> dict[str, int]:
     buffers = sum(_bytes(b) for b in _distinct(model.buffers()))
     grads = sum(_bytes(p, shards) for p in trainable)
     return {"parameters": sum(_bytes(p, shards) for p in params) + buffers, "gradients": grads,
-            "optimizer_state": 2 * grads + 4 * len(trainable), "largest": max((_bytes(p) for p in params), default=0)}
+            "optimizer_state": state_bytes([_shard(p, shards) for p in trainable]), "largest": max((_bytes(p) for p in params), default=0)}
 
 
 def _layer_bytes(model: torch.nn.Module, shards: int = 1) -> int:
@@ -237,7 +246,8 @@ def plannable_plugins(stage: str = "fit") -> tuple[list[type], list[str]]:
 def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices: int = 1,
              optimizer: str = "adamw") -> Candidate:
     """Per-rank prediction for ``plugins`` (instances, plan order) on ``model`` (meta or real)."""
-    ctx = RunContext(stage="fit", plugins=plugins, recipe={"optimizer": {"name": optimizer}}, workload=workload)
+    ctx = RunContext(stage="fit", plugins=plugins, recipe={"optimizer": {"name": optimizer}}, workload=workload,
+                     config=RecipeConfig(optimizer=OptimizerConfig(name=optimizer)))
     ctx.model = model
     state = sharded_state(model, 1)
     est = MemoryEstimate(parameters=state["parameters"], gradients=state["gradients"],
@@ -246,14 +256,15 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
                                                                    workload.seq_len, workload.precision))
     notes = []
     slowdown = 1.0
-    from memwise.manager import PluginHost
+    from memwise.host import PluginHost
 
     host = PluginHost(plugins)
-    for plugin, delta in host.each("memwise_estimate_memory", ctx=ctx, estimate=est):
-        est = est.apply(delta)
-        slowdown *= plugin.slowdown(ctx)
-        if delta is not None and delta.note:
-            notes.append(f"{plugin.name}: {delta.note}")
+    rows = host.estimate(ctx, est)
+    est = rows[-1][1]
+    for plugin in plugins:
+        if host.implements(plugin, "memwise_estimate_memory"):
+            slowdown *= plugin.slowdown(ctx)
+    notes += [f"{label.removeprefix('+ ')}: {note}" for label, _, note in rows[1:] if note and note != "no change"]
     largest = state["largest"]
     head = model.get_output_embeddings().weight
     tokens, vocab = workload.batch_size * workload.seq_len, model.config.vocab_size
@@ -285,7 +296,7 @@ def variants(cls: type) -> list[Any]:
     import yaml
 
     out = [cls()]
-    for switch in getattr(cls, "capability_switch", {}).values():
+    for switch in cls.capability_switch.values():
         key, _, value = switch.partition(":")
         field_name = key.strip().split(".", 1)[-1]
         out.append(cls(**{field_name: yaml.safe_load(value)}))

@@ -1,4 +1,6 @@
-"""The Plugin base class: metadata, a Config dataclass, hook methods, ``as_callback()``."""
+"""The Plugin base class: metadata, a Config dataclass, hook methods.
+
+In a user's own Trainer a plugin runs through ``memwise.lightning.MemwiseCallback(plugins=[...])``."""
 
 from __future__ import annotations
 
@@ -14,12 +16,6 @@ from memwise.hookspecs import HOOK_API
 from memwise.schema import as_dict, build
 
 hookimpl = pluggy.HookimplMarker("memwise")
-
-STAGES = ("fit", "generate")
-PHASES = ("data", "prune", "adapt", "replace", "wrap", "optimizer", "runtime")
-CAPABILITIES = ("activation.storage", "activation.placement", "optimizer.states", "kv.cache", "data.batching",
-                "linear.compute", "loss.head")
-
 
 def _name_errors(fn: Any, hook: str) -> Any:
     """Re-raise any exception of a hook method as a PluginHookError naming plugin and hook."""
@@ -126,12 +122,6 @@ class Plugin:
             return metadata.version(cls.distribution)
         except metadata.PackageNotFoundError:
             return "unknown"
-
-    def as_callback(self) -> Any:
-        """This plugin as a Lightning callback for a user's own Trainer."""
-        from memwise.lightning.callback import MemwiseCallback
-
-        return MemwiseCallback(plugins=[self])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config_dict()})"

@@ -12,7 +12,7 @@ import yaml
 
 from memwise.files import atomic_write
 from memwise.guard import finite_or_none
-from memwise.memory import CATEGORIES
+from memwise.memory import CATEGORIES, DEVICE_CATEGORIES
 
 
 def write_recipe(folder: Path, resolved: dict) -> None:
@@ -73,16 +73,38 @@ def plot(folder: Path, history: list[dict[str, Any]], memory: dict[str, Any] | N
     plt.close(fig)
     if not memory:
         return
-    measured = memory.get("measured", {}).get("headline", {})
-    predicted = memory.get("predicted", {})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = range(len(CATEGORIES))
-    mib = 2 ** 20
-    ax.bar([x - 0.2 for x in xs], [predicted.get(c, 0) / mib for c in CATEGORIES], 0.4, label="predicted")
-    ax.bar([x + 0.2 for x in xs], [measured.get(c, 0) / mib for c in CATEGORIES], 0.4, label="measured")
-    ax.set_xticks(list(xs), [c.replace("_", "\n") for c in CATEGORIES])
-    ax.set_ylabel("MiB")
-    ax.legend()
+    fig, _ = memory_figure(memory)
     fig.tight_layout()
     fig.savefig(folder / "memory.png", dpi=100)
     plt.close(fig)
+
+
+def memory_figure(memory: dict[str, Any]) -> tuple[Any, Any]:
+    """Bars per category: the baseline's prediction, the plan's (what the plugins saved shows as
+    the gap) and the measured step; the title gives each one's total (measured: the step's peak)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mib = 2 ** 20
+    steps = memory.get("predicted_steps") or []
+    bars = [("baseline (predicted)", steps[0] if steps else {}), ("plan (predicted)", memory.get("predicted", {}))]
+    measured = memory.get("measured", {})
+    if measured:
+        bars.append(("measured", measured.get("headline", {})))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(bars)
+    xs = range(len(CATEGORIES))
+    for i, (label, values) in enumerate(bars):
+        ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in xs], [values.get(c, 0) / mib for c in CATEGORIES],
+               width, label=label)
+    ax.set_xticks(list(xs), [c.replace("_", "\n") for c in CATEGORIES])
+    ax.set_ylabel("MiB")
+    totals = [f"{label.split(' ')[0]} {sum(values.get(c, 0) for c in DEVICE_CATEGORIES) / mib:.1f}"
+              for label, values in bars[:2]]
+    if measured:
+        totals.append(f"measured peak {measured.get('peak_total', 0) / mib:.1f}")
+    ax.set_title("device memory per step (MiB): " + ", ".join(totals), fontsize=9)
+    ax.legend()
+    return fig, ax

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from memwise.data.datasets import build_corpus
 from memwise.data.tokens import IGNORE_INDEX, build_tokenizer
 from memwise.data.windows import WindowDataset, collate
 from memwise.errors import Problem, RecipeError
-from memwise.manager import PluginHost, module_signature
+from memwise.host import PluginHost, module_signature
 from memwise.models import build_model
 from memwise.optim import build_optimizer, build_scheduler, state_bytes
 from memwise.recipe import Recipe
@@ -57,7 +58,7 @@ class Run:
         self.cfg = recipe.config
         self.host = PluginHost(recipe.plugins)
         data = recipe.data
-        self.ctx = RunContext(stage=stage, plugins=recipe.plugins, recipe=recipe.resolved,
+        self.ctx = RunContext(stage=stage, plugins=recipe.plugins, recipe=recipe.resolved, config=recipe.config,
                               workload=Workload(data.batch_size, data.seq_len, self.cfg.trainer.precision))
         report = self.cfg.report.dir or f"runs/{self.cfg.name}"
         self.ctx.report_dir = Path(report)
@@ -69,6 +70,9 @@ class Run:
         self.stop_signal: int | None = None
         """Set by the CLI's SIGINT/SIGTERM handler: stop after the current step."""
         self.signal_handler: Any = None
+        self.interactive = sys.stdout.isatty()
+        """stdout is a terminal: a progress bar when the recipe asks for one; else a line every
+        ``trainer.log_every_n_steps`` steps, so that a piped or logged run is never silent."""
 
     # --- building -------------------------------------------------------------------------
 
@@ -85,10 +89,7 @@ class Run:
         if ctx.stage != "generate":  # generation needs the tokenizer, never the corpus
             ctx.corpus = build_corpus(self.recipe.data, ctx.tokenizer)
         ctx.model = build_model(model_cfg, ctx.tokenizer.vocab_size)
-        problems: list[Problem] = check_vocabulary(ctx.corpus, ctx.model, ctx.tokenizer)
-        for plugin, found in self.host.each("memwise_validate", ctx=ctx):
-            for p in found or []:
-                problems.append(p if p.key else Problem(f"plugin '{plugin.name}'", p.message))
+        problems = check_vocabulary(ctx.corpus, ctx.model, ctx.tokenizer) + self.host.validate(ctx)
         if problems:
             raise RecipeError(problems, source=self.recipe.source)
         self.baseline_signature = module_signature(ctx.model)
@@ -97,12 +98,22 @@ class Run:
         """The plugins' model surgery, in plan order."""
         self.changes = self.host.transform_model(self.ctx)
 
+    def estimate_and_transform(self) -> list[tuple[str, memory.MemoryEstimate, str]]:
+        """The baseline prediction, then plugin by plugin its estimate and its surgery: each
+        plugin predicts on the model as the plugins before it left it. Rows of (label, estimate, note)."""
+        model, w = self.ctx.model, self.ctx.workload
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        base = memory.predict_baseline(model, state_bytes(trainable, self.cfg.optimizer), w.batch_size, w.seq_len,
+                                       w.precision)
+        rows = self.host.estimate(self.ctx, base, transform=True)
+        self.changes = self.host.changes
+        return rows
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         """The recipe's optimizer, then the plugins' wrapping or replacement."""
         ctx = self.ctx
         ctx.optimizer = build_optimizer(ctx.model, self.cfg.optimizer)
-        self.host.hook.memwise_configure_optimizer(ctx=ctx)
-        return ctx.optimizer
+        return self.host.configure_optimizer(ctx)
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         sched = build_scheduler(optimizer, self.cfg.scheduler, self.cfg.trainer.max_steps)
@@ -112,6 +123,20 @@ class Run:
     def step_context(self) -> contextlib.ExitStack:
         """The plugins' step contexts, entered in plan order (left in reverse)."""
         return self.host.step_context(self.ctx)
+
+    def train_dataloader(self, rank: int = 0, world: int = 1, skip: int = 0) -> torch.utils.data.DataLoader:
+        """The recipe's training windows and resumable sampler (this rank's share, ``skip`` batches
+        already trained), after the plugins' data hooks; also left on ``ctx`` for the probe."""
+        from memwise.data.sampler import ShuffledBatchSampler
+
+        ctx, data = self.ctx, self.recipe.data
+        ctx.train_dataset = self.train_dataset()
+        ctx.batch_sampler = ShuffledBatchSampler(len(ctx.train_dataset), data.batch_size, data.seed, rank, world)
+        ctx.collate_fn = collate
+        self.host.wrap_train_data(ctx)
+        ctx.batch_sampler.skip_to(skip)
+        return torch.utils.data.DataLoader(ctx.train_dataset, batch_sampler=ctx.batch_sampler,
+                                           collate_fn=ctx.collate_fn, num_workers=0)
 
     def train_dataset(self) -> WindowDataset:
         from memwise.data.windows import ConcatChunkDataset
@@ -135,22 +160,6 @@ class Run:
 
     # --- memory ---------------------------------------------------------------------------
 
-    def estimates(self, baseline_model: torch.nn.Module) -> list[tuple[str, memory.MemoryEstimate, str]]:
-        """(label, estimate, note) for the baseline and after each plugin, in plan order."""
-        w = self.ctx.workload
-        base = memory.predict_baseline(baseline_model, state_bytes(baseline_model, self.cfg.optimizer),
-                                       w.batch_size, w.seq_len, w.precision)
-        rows = [("baseline", base, "")]
-        current = base
-        model, self.ctx.model = self.ctx.model, baseline_model
-        try:
-            for plugin, delta in self.host.each("memwise_estimate_memory", ctx=self.ctx, estimate=current):
-                current = current.apply(delta)
-                rows.append((f"+ {plugin.name}", current, getattr(delta, "note", "") if delta else "no change"))
-        finally:
-            self.ctx.model = model
-        return rows
-
     def probe(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               forward_context: Any = contextlib.nullcontext) -> memory.MemoryReport:
         """One plain step under MemTracker, outside Lightning; everything it changes is restored."""
@@ -161,7 +170,7 @@ class Run:
         batch = {k: v.to(device) for k, v in batch.items()}
         saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
         saved_opt = copy.deepcopy(optimizer.state_dict())
-        saved_plugins = {p.name: copy.deepcopy(s) for p, s in self.host.each("memwise_state_dict", ctx=ctx) if s}
+        saved_plugins = copy.deepcopy(self.host.state_dict(ctx))
         rng = torch.get_rng_state()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -179,9 +188,7 @@ class Run:
         finally:
             model.load_state_dict(saved_model)
             optimizer.load_state_dict(saved_opt)
-            for plugin in self.recipe.plugins:
-                if plugin.name in saved_plugins:
-                    plugin.memwise_load_state_dict(ctx=ctx, state=saved_plugins[plugin.name])
+            self.host.load_state_dict(ctx, saved_plugins)
             torch.set_rng_state(rng)
             model.train(was_training)
         return report
@@ -200,7 +207,8 @@ class Run:
         # RecipeDataModule resumes its sampler at the exact batch (skip_to); Lightning cannot see that
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         callbacks = []
-        if t.progress_bar:
+        bar = t.progress_bar and self.interactive
+        if bar:
             from lightning.pytorch.callbacks import RichProgressBar
 
             callbacks.append(RichProgressBar(leave=True))
@@ -213,7 +221,7 @@ class Run:
             max_steps=t.max_steps, precision=t.precision, accelerator=t.accelerator, devices=t.devices,
             num_nodes=t.num_nodes, strategy=strategy, logger=False, enable_checkpointing=False,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            use_distributed_sampler=False, enable_progress_bar=t.progress_bar, callbacks=callbacks,
+            use_distributed_sampler=False, enable_progress_bar=bar, callbacks=callbacks,
             plugins=[AtomicCheckpointIO()], max_epochs=-1,
         )
 
@@ -224,13 +232,8 @@ class Run:
         ``warm``, one unmeasured step first creates the optimizer state, so that it is live at
         the measured peak as in a running job.
         """
-        from memwise.data.sampler import ShuffledBatchSampler
-
-        ctx, data = self.ctx, self.recipe.data
-        ctx.train_dataset = self.train_dataset()
-        ctx.batch_sampler = ShuffledBatchSampler(len(ctx.train_dataset), data.batch_size, data.seed)
-        ctx.collate_fn = collate
-        self.host.hook.memwise_wrap_train_dataloader(ctx=ctx)
+        ctx = self.ctx
+        self.train_dataloader()
         optimizer = self.make_optimizer()
         precision = self.cfg.trainer.precision
         autocast = contextlib.nullcontext
@@ -253,6 +256,5 @@ def measure_recipe(path: str, overrides: list[str] | None = None,
 
     run = Run(recipe.load(path, overrides or []), "fit")
     run.build()
-    rows = run.estimates(run.ctx.model)
-    run.transform()
+    rows = run.estimate_and_transform()
     return rows, run.probe_without_training(warm)

@@ -84,13 +84,13 @@ def test_plugin_as_callback_applies_and_tears_down(make_llama):
         def memwise_on_train_batch_end(self, ctx, outputs, batch, batch_idx):
             seen.append(tagged(ctx.module))
 
-    trainer([Tag().as_callback(), Spy().as_callback()]).fit(module)
+    trainer([MemwiseCallback(plugins=[Tag()]), MemwiseCallback(plugins=[Spy()])]).fit(module)
     assert seen == [[True, True], [True, True]]
     assert tagged(module) == [False, False]  # teardown undid the surgery
 
 
 def test_callbacks_form_one_plan(make_llama):
-    a, b = Tag(layers=[0]).as_callback(), Tag(layers=[1]).as_callback()
+    a, b = MemwiseCallback(plugins=[Tag(layers=[0])]), MemwiseCallback(plugins=[Tag(layers=[1])])
     with pytest.raises(RecipeError, match="listed twice"):
         trainer([a, b]).fit(UserModule(make_llama))
 
@@ -105,7 +105,7 @@ def test_optimizer_replacement_repoints_the_scheduler(make_llama):
             ctx.optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
 
     module = UserModule(make_llama)
-    t = trainer([Swap().as_callback()])
+    t = trainer([MemwiseCallback(plugins=[Swap()])])
     t.fit(module)
     opt = t.optimizers[0]
     assert opt.defaults["momentum"] == 0.9 and opt.state  # the new optimizer took the steps
@@ -140,7 +140,7 @@ def test_optimizer_replacement_keeps_warm_up_and_base_rates(make_llama):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t = trainer([Swap().as_callback()], steps=4)
+        t = trainer([MemwiseCallback(plugins=[Swap()])], steps=4)
         t.fit(WarmUp(make_llama))
     assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15])
     assert t.lr_scheduler_configs[0].scheduler.base_lrs == [0.2]
@@ -148,7 +148,7 @@ def test_optimizer_replacement_keeps_warm_up_and_base_rates(make_llama):
 
 
 def test_configure_model_needs_memwise_precision(make_llama):
-    cb = Tag().as_callback()
+    cb = MemwiseCallback(plugins=[Tag()])
     with pytest.raises(MemwiseError, match="MemwisePrecision"):
         trainer([cb]).fit(UserModule(make_llama, late=True))
     seen = []

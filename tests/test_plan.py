@@ -10,7 +10,7 @@ import pytest
 import memwise
 from memwise import hookimpl, option, plan
 from memwise.errors import ClaimConflict, MemwiseError, NoEffectWarning, PluginHookError
-from memwise.manager import PluginHost
+from memwise.host import PluginHost
 
 
 def make(name, phase="runtime", provides=(), before=(), after=(), composes=(), calls=None, stages=("fit",)):

@@ -20,7 +20,7 @@ import memwise
 from memwise import files, guard, recipe, report
 from memwise.context import RunContext
 from memwise.errors import InputError, PluginHookError, RecipeError, TeardownError, WriteError
-from memwise.manager import PluginHost
+from memwise.host import PluginHost
 
 
 def write(tmp_path, text, name="r.yaml"):

@@ -15,8 +15,7 @@ from memwise import plan
 from memwise.checkpoint import check_manifest, manifest
 from memwise.context import RunContext
 from memwise.errors import MemwiseError, RecipeError
-from memwise.optim import repoint_schedulers
-from memwise.manager import PluginHost
+from memwise.host import PluginHost
 
 
 class MemwiseCallback(pl.Callback):
@@ -57,14 +56,15 @@ class MemwiseCallback(pl.Callback):
             return
         self.ctx.trainer, self.ctx.module = trainer, pl_module
         if any(True for _ in pl_module.parameters()):  # models built in configure_model: MemwisePrecision
-            self.transform(pl_module)
+            # generation plugins act on the model that generates (``pl_module.model``), as in predict
+            self.transform(getattr(pl_module, "model", pl_module) if self.ctx.stage == "generate" else pl_module)
 
     def transform(self, module: Any) -> None:
         """Validation, then model surgery, once (idempotent across setup and MemwisePrecision)."""
         if self._transformed:
             return
         self.ctx.model = module
-        problems = [p for found in self.host.hook.memwise_validate(ctx=self.ctx) for p in (found or [])]
+        problems = self.host.validate(self.ctx)
         if problems:
             raise RecipeError(problems, source="MemwiseCallback")
         self.host.transform_model(self.ctx)
@@ -85,21 +85,19 @@ class MemwiseCallback(pl.Callback):
                                f"the module configured {len(trainer.optimizers)}")
         ctx = self.ctx
         old = ctx.optimizer = trainer.optimizers[0]
-        self.host.hook.memwise_configure_optimizer(ctx=ctx)
-        if ctx.optimizer is not old:
-            repoint_schedulers([c.scheduler for c in trainer.lr_scheduler_configs], old, ctx.optimizer)
-            trainer.optimizers = [ctx.optimizer]
         ctx.schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+        if self.host.configure_optimizer(ctx, ctx.schedulers) is not old:
+            trainer.optimizers = [ctx.optimizer]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.leader is not self:
             return
-        self.host.hook.memwise_on_train_batch_start(ctx=self.ctx, batch=batch, batch_idx=batch_idx)
+        self.host.batch_start(self.ctx, batch, batch_idx)
         self._step = self.host.step_context(self.ctx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.leader is self:
-            self.host.hook.memwise_on_before_optimizer_step(ctx=self.ctx, optimizer=optimizer)
+            self.host.before_optimizer_step(self.ctx, optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -108,11 +106,11 @@ class MemwiseCallback(pl.Callback):
         if self._step is not None:
             self._step.close()
             self._step = None
-        self.host.hook.memwise_on_train_batch_end(ctx=self.ctx, outputs=outputs, batch=batch, batch_idx=batch_idx)
+        self.host.batch_end(self.ctx, outputs, batch, batch_idx)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.leader is self and trainer.is_global_zero:
-            self.host.hook.memwise_on_fit_end(ctx=self.ctx)
+            self.host.fit_end(self.ctx)
 
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -122,20 +120,17 @@ class MemwiseCallback(pl.Callback):
             return
         ctx = self.ctx
         ctx.model, ctx.module, ctx.trainer = getattr(pl_module, "model", pl_module), pl_module, trainer
-        ctx.generate_kwargs = {}
-        self.host.hook.memwise_wrap_generation(ctx=ctx)
-        pl_module.generate_kwargs = ctx.generate_kwargs
+        pl_module.generate_kwargs = self.host.wrap_generation(ctx)
 
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.leader is self and self.ctx is not None:
-            self.ctx.run_teardown()
+        if self.leader is self and self.host is not None:
+            self.host.end_generation(self.ctx)
 
     def state_dict(self) -> dict[str, Any]:
         if self.leader is not self or self.host is None:
             return {}
-        states = {p.name: s for p, s in self.host.each("memwise_state_dict", ctx=self.ctx) if s is not None}
-        return {"manifest": manifest(self.host.plugins), "plugins": states}
+        return {"manifest": manifest(self.host.plugins), "plugins": self.host.state_dict(self.ctx)}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -158,10 +153,12 @@ class MemwiseCallback(pl.Callback):
         if self.leader is not self or state is None:
             return
         check_manifest(state.get("manifest", {}), self.host.plugins)
-        for plugin in self.host.plugins:
-            if plugin.name in state.get("plugins", {}) and self.host.implements(plugin, "memwise_load_state_dict"):
-                plugin.memwise_load_state_dict(ctx=self.ctx, state=state["plugins"][plugin.name])
+        self.host.load_state_dict(self.ctx, state.get("plugins", {}))
         self._pending_state = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A failed fit undoes the surgery too (Lightning calls no ``teardown`` after an exception)."""
+        self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.leader is not self or self.host is None:

@@ -51,13 +51,13 @@ class RecipeModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        ctx, hook = self.run.ctx, self.run.host.hook
+        ctx, host = self.run.ctx, self.run.host
         if self._pending_rng is not None:  # after the loader's first batch: it draws from the RNG
             set_rng_state(self._pending_rng)
             self._pending_rng = None
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        hook.memwise_on_train_batch_start(ctx=ctx, batch=batch, batch_idx=batch_idx)
+        host.batch_start(ctx, batch, batch_idx)
         skip = self.run.cfg.trainer.on_nonfinite == "skip"
         buffers = [b.detach().clone() for b in self.model.buffers()] if skip else None  # Mesa's running ranges
         with self.run.step_context():
@@ -66,11 +66,11 @@ class RecipeModule(pl.LightningModule):
         if not self._step_is_finite(loss, opt.optimizer):
             return self._drop_step(loss, opt, buffers)
         self._skips_in_a_row = 0
-        hook.memwise_on_before_optimizer_step(ctx=ctx, optimizer=opt.optimizer)
+        host.before_optimizer_step(ctx, opt.optimizer)
         opt.step()  # clips in on_before_optimizer_step: after a GradScaler has unscaled the gradients
         opt.zero_grad(set_to_none=True)
         sched.step()
-        hook.memwise_on_train_batch_end(ctx=ctx, outputs=loss.detach(), batch=batch, batch_idx=batch_idx)
+        host.batch_end(ctx, loss.detach(), batch, batch_idx)
         self._record(loss.detach(), batch, opt.optimizer)
         return loss.detach()
 
@@ -125,13 +125,17 @@ class RecipeModule(pl.LightningModule):
                "tokens": self.tokens_seen, "nonfinite_skips": self.nonfinite_skips, "targets": self.targets_seen,
                "seq_len": int(batch["input_ids"].shape[1]),
                "elapsed_s": round(self._elapsed_before + time.perf_counter() - self._start, 3)}
-        every = self.run.cfg.trainer.val_every_n_steps
-        if step % every == 0 or step == self.trainer.max_steps:
+        t = self.run.cfg.trainer
+        lines = not (t.progress_bar and self.run.interactive)  # no bar: progress as printed lines
+        if step % t.val_every_n_steps == 0 or step == self.trainer.max_steps:
             row["val_loss"] = self.evaluate()
             self.log("val_loss", row["val_loss"], prog_bar=True, rank_zero_only=True)
-            if not self.run.cfg.trainer.progress_bar and self.trainer.is_global_zero:
+            if lines and self.trainer.is_global_zero:
                 print(f"step {step}/{self.trainer.max_steps}: train loss {row['train_loss']:.4f}, "
                       f"validation loss {row['val_loss']:.4f}, {row['elapsed_s']:.0f} s", flush=True)
+        elif lines and not self.run.interactive and step % t.log_every_n_steps == 0 and self.trainer.is_global_zero:
+            print(f"step {step}/{self.trainer.max_steps}: train loss {row['train_loss']:.4f}, "
+                  f"{row['elapsed_s']:.0f} s", flush=True)
         self.history.append(row)
         self.log("train_loss", row["train_loss"], prog_bar=True, rank_zero_only=True)
         ckpt_every = self.run.cfg.trainer.checkpoint_every_n_steps
@@ -178,7 +182,7 @@ class RecipeModule(pl.LightningModule):
         bad = guard.max_abs(self.model.parameters())
         if bad is not None and not torch.isfinite(bad):
             raise NonFiniteError(self.nonfinite_message(int(self.trainer.global_step), "the weights hold NaN/inf"))
-        states = {p.name: s for p, s in run.host.each("memwise_state_dict", ctx=run.ctx) if s is not None}
+        states = run.host.state_dict(run.ctx)
         checkpoint["memwise"] = {
             "manifest": manifest(run.recipe.plugins, run.recipe.resolved),
             "world_size": int(self.trainer.world_size),
@@ -251,9 +255,7 @@ class RecipeModule(pl.LightningModule):
                                "consolidate it (memwise consolidate) and start from the weights")
         states = saved.get("plugins", {})
         self._check_match(checkpoint, saved_manifest)
-        for plugin in run.recipe.plugins:
-            if plugin.name in states and run.host.implements(plugin, "memwise_load_state_dict"):
-                plugin.memwise_load_state_dict(ctx=run.ctx, state=states[plugin.name])
+        run.host.load_state_dict(run.ctx, states)
         self.history = list(saved.get("history", []))
         self.tokens_seen = int(saved.get("tokens_seen", 0))
         self.targets_seen = int(saved.get("targets_seen", 0))

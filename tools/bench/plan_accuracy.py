@@ -45,7 +45,7 @@ def row(label: str, path: str, overrides: list[str]) -> str:
     cand = planner.estimate(run.ctx.model, run.recipe.plugins, run.ctx.workload)
     run.transform()
     measured = run.probe_without_training().peak_total
-    run.ctx.run_teardown()
+    run.host.teardown(run.ctx)
     err = (cand.peak - measured) / measured
     return f"| {label} | {cand.peak / 2**20:,.2f} | {measured / 2**20:,.2f} | {err:+.1%} |"
 

@@ -14,7 +14,8 @@ def render() -> str:
              "Generated from `core/hookspecs.py` by `python tools/docs/hooks_md.py`; "
              f"hook API version {hookspecs.HOOK_API}.",
              "Implement a hook as a method of your `memwise.Plugin` subclass marked with `@memwise.hookimpl`,",
-             "with the same argument names. Ordered hooks run in plan order (see architecture.md).", ""]
+             "with the same argument names. `memwise.host.PluginHost` calls every hook plugin by plugin in plan",
+             "order (teardown in reverse); see architecture.md.", ""]
     for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
         if not name.startswith("memwise_"):
             continue

@@ -44,7 +44,7 @@ def _trainer(callbacks, steps):
 
 def test_callback_mode_refuses_a_coat_checkpoint_without_coat(tmp_path):
     """Before: the FP8 moments were cast into the other optimizer's state and training went on."""
-    t = _trainer([CoatPlugin(activations=False, min_numel=1).as_callback()], 2)
+    t = _trainer([MemwiseCallback(plugins=[CoatPlugin(activations=False, min_numel=1)])], 2)
     t.fit(AdamModule())
     t.save_checkpoint(tmp_path / "coat.ckpt")
 

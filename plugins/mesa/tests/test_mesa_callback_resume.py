@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from memwise.lightning.callback import MemwiseCallback
 from memwise.testing import tiny_llama
 from memwise_mesa import MesaPlugin
 
@@ -34,7 +35,7 @@ class Module(pl.LightningModule):
 
 
 def fit(folder, steps, ckpt_path=None, every=None):
-    callbacks = [MesaPlugin().as_callback()]
+    callbacks = [MemwiseCallback(plugins=[MesaPlugin()])]
     if every:
         callbacks.append(ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=-1,
                                          filename="{step}"))

@@ -75,7 +75,7 @@ class CoatPlugin(memwise.Plugin):
 
     @hookimpl
     def memwise_validate(self, ctx: Any) -> list:
-        name = (ctx.recipe or {}).get("optimizer", {}).get("name", "adamw")
+        name = ctx.config.optimizer.name if ctx.config else "adamw"
         if self.config.optimizer and name != "adamw":
             return [Problem("coat.optimizer", f"replaces AdamW, but the recipe's optimizer is '{name}'; "
                             "set optimizer.name: adamw, or coat.optimizer: false")]

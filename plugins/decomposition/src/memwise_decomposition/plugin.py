@@ -130,7 +130,7 @@ class DecompositionPlugin(memwise.Plugin):
     @memwise.hookimpl
     def memwise_validate(self, ctx: Any) -> list:
         problems = self.resolved(ctx)[3]
-        packing = (ctx.recipe or {}).get("data", {}).get("packing")
+        packing = ctx.config.data.get("packing") if ctx.config else None
         if packing == "concat_chunk":
             problems.append(Problem("data.packing", "concat_chunk packs documents itself; decomposition replaces "
                                     "the batches: set data.packing: window or remove the decomposition plugin"))

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from memwise.optim import state_bytes
 from memwise_galore.optimizer import GaLoreAdamW, adam_denominator, adamw_moments_
 from memwise_galore.projection import choose_side, project, project_back, projector
 
@@ -132,7 +133,7 @@ def _check(options: dict) -> None:
 def frugal_state_bytes(p: torch.Tensor, split: bool, density: float, selection: str) -> int:
     """One parameter's FrugalAdamW state in bytes, as allocated (``step`` 4 bytes; column indices int64)."""
     if not split:
-        return 2 * p.numel() * p.element_size() + 4
+        return state_bytes([p], "adamw")
     m, n = p.shape
     size = stateful_size(p, density, selection)
     if selection == "columns":

@@ -34,11 +34,11 @@ class FusedStepPlugin(memwise.Plugin):
     @hookimpl
     def memwise_validate(self, ctx: Any) -> list:
         problems = []
-        trainer_cfg = (ctx.recipe or {}).get("trainer", {})
-        if trainer_cfg.get("gradient_clip_val"):
+        t = ctx.config.trainer if ctx.config else None
+        if t is not None and t.gradient_clip_val:
             problems.append(Problem("trainer.gradient_clip_val", _CLIP.format(key="trainer.gradient_clip_val")))
-        processes = int(trainer_cfg.get("devices", 1) if str(trainer_cfg.get("devices", 1)).isdigit() else 2)
-        if processes * int(trainer_cfg.get("num_nodes", 1)) > 1:
+        processes = (int(t.devices) if str(t.devices).isdigit() else 2) if t is not None else 1
+        if t is not None and processes * t.num_nodes > 1:
             problems.append(Problem("trainer.devices", "fused_step runs in one process: each rank would apply "
                                     "its own gradient before DDP averages them; set trainer.devices: 1, "
                                     "or remove fused_step"))

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from memwise.optim import state_bytes
 
 from memwise_galore.projection import choose_side, project, project_back, projector
 
@@ -160,7 +161,7 @@ def galore_state_bytes(p: torch.Tensor, projected: bool, rank: int, proj_type: s
                        history: int) -> int:
     """One parameter's GaLoreAdamW state in bytes, as allocated (fp32; ``step`` 4 bytes)."""
     if not projected:
-        return 2 * p.numel() * p.element_size() + 4
+        return state_bytes([p], "adamw")
     m, n = p.shape
     r = min(rank, m, n)
     side = choose_side(p.shape, proj_type)

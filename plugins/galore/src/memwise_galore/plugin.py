@@ -29,7 +29,7 @@ def projected_parameters(model: Any, include: Optional[list[str]], exclude: list
 
 def adamw_subspace_problems(plugin: str, ctx: Any, include: Optional[list[str]], exclude: list[str]) -> list:
     """What GaLore and FRUGAL both need: AdamW as the recipe's optimizer, and weights to act on."""
-    name = (ctx.recipe or {}).get("optimizer", {}).get("name", "adamw")
+    name = ctx.config.optimizer.name if ctx.config else "adamw"
     problems = []
     if name != "adamw":
         problems.append(Problem(plugin, f"replaces AdamW, but the recipe's optimizer is '{name}'; "

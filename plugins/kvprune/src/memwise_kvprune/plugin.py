@@ -102,9 +102,9 @@ class KVPrunePlugin(memwise.Plugin):
 
     def predict_callback(self) -> object:
         """A Lightning callback giving each predict batch a fresh pruned cache (``pl_module.generate_kwargs``)."""
-        from memwise_kvprune.callback import KVPruneCallback
+        from memwise.lightning.callback import MemwiseCallback
 
-        return KVPruneCallback(self)
+        return MemwiseCallback(plugins=[self])
 
     @memwise.hookimpl
     def memwise_wrap_generation(self, ctx: memwise.RunContext) -> None:

@@ -125,9 +125,9 @@ class LoramPlugin(Plugin):
             problems.append(Problem("loram.calibration_batches", "taylor needs at least one calibration batch"))
         if c.method == "2:4" and config.hidden_size % 4:
             problems.append(Problem("loram.method", f"2:4 needs in_features divisible by 4 (hidden {config.hidden_size})"))
-        opt = (ctx.recipe or {}).get("optimizer", {}) or {}
-        if opt.get("name", "adamw") != "adamw":
-            problems.append(Problem("loram", f"memory estimate assumes AdamW, recipe optimizer is {opt.get('name')}"))
+        if ctx.config and ctx.config.optimizer.name != "adamw":
+            problems.append(Problem("loram", f"memory estimate assumes AdamW, recipe optimizer is "
+                                    f"{ctx.config.optimizer.name}"))
         return problems
 
     @hookimpl
@@ -222,7 +222,7 @@ class LoramPlugin(Plugin):
 
 def _base_path(ctx: Any) -> str | None:
     """The full base model's folder when the recipe loads one (model.path)."""
-    path = ((ctx.recipe or {}).get("model", {}) or {}).get("path")
+    path = ctx.config.model.path if ctx.config else None
     return str(path) if path else None
 
 

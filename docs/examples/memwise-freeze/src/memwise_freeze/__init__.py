@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import memwise
 from memwise import MemoryDelta, Problem, hookimpl, option
 from memwise.memory import tensor_bytes
+from memwise.optim import state_bytes
 
 
 def frozen_parameters(model, patterns: list[str]) -> dict[str, object]:
@@ -50,8 +51,7 @@ class FreezePlugin(memwise.Plugin):
     def memwise_estimate_memory(self, ctx, estimate) -> MemoryDelta:
         params = [p for p in frozen_parameters(ctx.model, self.config.modules).values() if p.requires_grad]
         grad = tensor_bytes(params)
-        opt_state = 2 * grad + 4 * len(params) if ctx.recipe.get("optimizer", {}).get("name", "adamw") in (
-            "adamw", "adam") else 0
+        opt_state = state_bytes(params, ctx.config.optimizer if ctx.config else "adamw")
         return MemoryDelta(gradients=-grad, optimizer_state=-opt_state, note=f"{len(params)} tensors frozen")
 
     @hookimpl
