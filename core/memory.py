@@ -40,20 +40,43 @@ class ByCategory:
 
 
 @dataclass
-class MemoryDelta(ByCategory):
-    """A plugin's predicted change per category, in signed bytes, with a short reason."""
+class Transients:
+    """Short-lived bytes inside one decoder layer that no category holds at the end of forward.
+
+    Plugins whose layers rebuild their saved inputs in their own backward (FP8 or 8-bit
+    activations) peak inside a layer rather than at the start of backward; the planner
+    (``memwise.planner.predict_peak``) places these on top of what is saved at that point.
+    """
+
+    layer_backward: int = 0
+    """beyond the saved activations and the parameter gradients, at the worst moment of the last
+    decoder layer's backward: the unpacked copies, what is recomputed from them, the incoming
+    gradient and the gradients of the layer's inputs"""
+    layer_forward: int = 0
+    """beyond the saved activations, at the worst moment of the last decoder layer's forward: the
+    tensors it reads and writes and the packing code's workspace"""
+
+    def transients(self) -> dict[str, int]:
+        return {"layer_backward": self.layer_backward, "layer_forward": self.layer_forward}
+
+
+@dataclass
+class MemoryDelta(ByCategory, Transients):
+    """A plugin's predicted change per category, in signed bytes, with a short reason; and the
+    transients its layers add (absolute bytes, not a change)."""
 
     note: str = ""
 
 
 @dataclass
-class MemoryEstimate(ByCategory):
-    """Predicted bytes per category."""
+class MemoryEstimate(ByCategory, Transients):
+    """Predicted bytes per category, and the transients inside a layer (the largest any plugin declares)."""
 
     def apply(self, delta: MemoryDelta | None) -> MemoryEstimate:
         if delta is None:
-            return MemoryEstimate(**self.as_dict())
-        return MemoryEstimate(**{c: getattr(self, c) + getattr(delta, c) for c in CATEGORIES})
+            return MemoryEstimate(**self.as_dict(), **self.transients())
+        return MemoryEstimate(**{c: getattr(self, c) + getattr(delta, c) for c in CATEGORIES},
+                              **{k: max(v, getattr(delta, k)) for k, v in self.transients().items()})
 
     @property
     def total(self) -> int:

@@ -202,25 +202,33 @@ class StepShape:
     layers: int
     outside_activations: int
     """what forward saves outside the decoder layers (embeddings, final norm, head, loss)"""
+    head_grad: int
+    """the head's parameter gradient, the first one backward creates"""
 
 
 def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
-    """The step's peak from its categories.
+    """The step's peak from its categories and the transients plugins declare.
 
     Parameters and optimizer state live all step. The peak is either at the start of
     backward (everything forward saved, plus ``loss_grads``), or, when plugins recompute
     in backward (temporaries), during a layer's recompute: the head's activations are
     freed by then; going down the layers each step frees what one layer kept and adds its
     gradients, so the first layer is the worst when gradients outweigh what a layer keeps,
-    the last one otherwise; or in the optimizer step (all gradients plus AdamW's
-    temporaries: two of the largest parameter), whichever is largest. Checked against
-    MemTracker's measured peak in tests/test_planner.py.
+    the last one otherwise; or inside a layer whose backward unpacks its saved inputs
+    (``est.layer_backward``: what the last layer holds then, beside the head's gradient,
+    the same walk down the layers); or inside the last layer's forward
+    (``est.layer_forward``, on top of all but the head's activations); or in the optimizer
+    step (all gradients plus AdamW's temporaries: two of the largest parameter), whichever
+    is largest. Checked against MemTracker's measured peak in tests/test_planner.py.
     """
+    kept = max(est.activations - shape.outside_activations, 0) // max(shape.layers, 1)
+    walk = max(0, (shape.layers - 1) * (shape.layer_grads - kept))
     backward = shape.loss_grads
     if est.temporaries:
-        kept = max(est.activations - shape.outside_activations, 0) // max(shape.layers, 1)
-        walk = max(0, (shape.layers - 1) * (shape.layer_grads - kept))
         backward = max(backward, est.temporaries - shape.head_activations + shape.layer_backward + walk)
+    if est.layer_backward:
+        backward = max(backward, est.layer_backward - shape.head_activations + shape.head_grad + walk)
+    backward = max(backward, est.layer_forward - shape.head_activations)
     step = est.gradients + 2 * shape.largest_param
     return est.parameters + est.optimizer_state + max(est.activations + est.kv_cache + backward, step)
 
@@ -276,7 +284,8 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
                       + 4 * tokens * model.config.hidden_size,
                       layer_grads=_layer_bytes(model, devices), layers=model.config.num_hidden_layers,
                       outside_activations=memory.llama_activation_bytes(
-                          model.config, workload.batch_size, workload.seq_len, workload.precision, layers=0))
+                          model.config, workload.batch_size, workload.seq_len, workload.precision, layers=0),
+                      head_grad=_bytes(head, devices))
     if devices > 1:
         shard = sharded_state(model, devices)
         for cat in ("parameters", "gradients", "optimizer_state"):

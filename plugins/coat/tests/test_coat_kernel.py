@@ -10,7 +10,8 @@ import pytest
 SCRIPT = textwrap.dedent(r"""
     import torch
     from memwise_coat import CoatAdamW
-    from memwise_coat.update import StepScalars, fp8_step, load_moment
+    from memwise_coat.scalars import StepScalars
+    from memwise_coat.update import fp8_step, load_moment
 
     def check(shape, **opts):
         torch.manual_seed(0)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from memwise_coat.groups import COAT_KEYS, group_codecs, is_quantized
 from memwise_coat.quantization import quantize_groups
 from memwise_coat.update import MOMENTS, load_moment
 
@@ -20,28 +21,24 @@ def _group_of(state_dict: dict) -> dict[int, dict]:
 
 def to_torch_adamw(state_dict: dict) -> dict:
     """A CoatAdamW state dict with dequantized fp32 moments and torch AdamW's group keys."""
-    from memwise_coat.optimizer import _COAT_KEYS, CoatAdamW, is_quantized
-
     groups = _group_of(state_dict)
     state = {}
     for idx, s in state_dict["state"].items():
         if is_quantized(s):
-            first, second = CoatAdamW.codecs(groups[idx])
+            first, second = group_codecs(groups[idx])
             state[idx] = {"step": s["step"].clone(), "exp_avg": load_moment(s, "exp_avg", first),
                           "exp_avg_sq": load_moment(s, "exp_avg_sq", second)}
         else:
             state[idx] = {k: v.clone() for k, v in s.items()}
     param_groups = []
     for g in state_dict["param_groups"]:
-        g = {k: copy.copy(v) for k, v in g.items() if k not in _COAT_KEYS}
+        g = {k: copy.copy(v) for k, v in g.items() if k not in COAT_KEYS}
         param_groups.append({**_TORCH_DEFAULTS, **g})
     return {"state": state, "param_groups": param_groups}
 
 
 def from_torch_adamw(state_dict: dict, optimizer: Any) -> dict:
     """A torch AdamW state dict re-expressed for ``optimizer`` (a CoatAdamW with the same params)."""
-    from memwise_coat.optimizer import _COAT_KEYS
-
     slots = [(p, group) for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for idx, s in state_dict["state"].items():
@@ -60,6 +57,6 @@ def from_torch_adamw(state_dict: dict, optimizer: Any) -> dict:
     param_groups = []
     for g, mine in zip(state_dict["param_groups"], optimizer.param_groups):
         g = {k: v for k, v in g.items() if k not in _TORCH_DEFAULTS}
-        g.update({k: mine[k] for k in _COAT_KEYS})
+        g.update({k: mine[k] for k in COAT_KEYS})
         param_groups.append(g)
     return {"state": state, "param_groups": param_groups}

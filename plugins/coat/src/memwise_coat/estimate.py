@@ -1,11 +1,14 @@
-"""COAT's predicted memory: optimizer state exact to the byte, saved activations by formula."""
+"""COAT's predicted memory: optimizer state exact to the byte, saved activations and the FP8
+SwiGLU's transients by formula."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from memwise import architectures
 from torch import nn
 
+from memwise_coat.activation_quant import ACT_GROUP, CHUNK
 from memwise_coat.quantization import codec
 from memwise_coat.selection import fp32_parameters
 from memwise_coat.state_bytes import adamw_state_bytes, coat_param_state_bytes
@@ -38,7 +41,6 @@ def activation_delta(model: nn.Module, workload: Any, config: Any) -> tuple[int,
     (q, k after RoPE, v, output, which o_proj reads) stays as it is. Calibrated against MemTracker
     on `tiny` (fp32).
     """
-    from memwise import architectures
     from memwise.memory import llama_layer_activation_bytes
 
     cfg = getattr(model, "config", None)
@@ -69,3 +71,35 @@ def activation_delta(model: nn.Module, workload: Any, config: Any) -> tuple[int,
     head = b * s * ((grouped + 1) * h - full_head)
     delta = int(fp8 - base + head)
     return delta, f"activations: {layers} decoder layers keep FP8 copies ({fp8 / max(base, 1):.2f}x of their bytes)"
+
+
+QUANTIZER_BUFFERS = 9
+"""fp32 buffers of one chunk the 1x16 packing of an fp32 tensor holds at once (the padded copy, the
+scaled copy and the rounding's intermediates in memwise.kernels.fp8.round_to_grid; counted with
+MemTracker); one more, its fp32 copy, for a bf16 or fp16 tensor."""
+SWIGLU_BACKWARD_TENSORS = 7
+"""tokens x intermediate tensors the FP8 SwiGLU's backward holds at its worst: gate and up
+dequantized, act(gate) and the product recomputed, the product's gradient, and the gradients
+of gate and up as autograd returns them."""
+
+
+def transients(model: nn.Module, workload: Any) -> tuple[int, int]:
+    """(layer_backward, layer_forward) bytes of the last decoder layer's FP8 SwiGLU (memwise.memory.Transients).
+
+    Forward: the residual and the norm output it reads, gate and up outputs, and the packing's
+    workspace on one chunk (``activation_quant.CHUNK`` elements, whole rows of 1x16 groups).
+    Backward: ``SWIGLU_BACKWARD_TENSORS`` tensors of tokens x intermediate, and the gradient
+    arriving from the residual stream.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None or workload is None:
+        return 0, 0
+    geo = architectures.for_config(cfg).geometry(cfg)
+    tokens, precision = workload.batch_size * workload.seq_len, workload.precision
+    size = 2 if precision.startswith(("bf16", "16")) else 4
+    residual = 2 if precision in ("bf16-true", "16-true") else 4
+    width = -(-geo.intermediate // ACT_GROUP) * ACT_GROUP
+    chunk = min(tokens, max(1, CHUNK // width)) * width
+    forward = 2 * residual * tokens * geo.hidden + 2 * size * tokens * geo.intermediate + (QUANTIZER_BUFFERS + (size != 4)) * 4 * chunk
+    backward = SWIGLU_BACKWARD_TENSORS * size * tokens * geo.intermediate + residual * tokens * geo.hidden
+    return backward, forward

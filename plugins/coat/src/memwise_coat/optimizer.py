@@ -7,13 +7,15 @@ from typing import Any
 
 import torch
 
-from memwise_coat.quantization import MIN_EXPANSION, MomentCodec, codec
-from memwise_coat.update import MOMENTS, StepScalars, adamw_update_, fp8_step
+from memwise_coat.conversion import from_torch_adamw, to_torch_adamw
+from memwise_coat.groups import group_codecs, is_quantized
+from memwise_coat.quantization import MIN_EXPANSION
+from memwise_coat.scalars import StepScalars
+from memwise_coat.update import MOMENTS, adamw_update_, fp8_step
 
 # torch.optim.AdamW group options CoatAdamW does not support, with the value it requires.
 _UNSUPPORTED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
 _TORCH_ONLY = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
-_COAT_KEYS = ("group_size", "expansion", "second_moment_format", "min_numel", "min_expansion")
 
 
 class CoatAdamW(torch.optim.Optimizer):
@@ -58,12 +60,7 @@ class CoatAdamW(torch.optim.Optimizer):
 
     # --- state ------------------------------------------------------------------------------
 
-    @staticmethod
-    def codecs(group: dict) -> tuple[MomentCodec, MomentCodec]:
-        """How the first and second moments of a group's quantized parameters are stored."""
-        first = codec("e4m3", group["group_size"], group["expansion"], group["min_expansion"])
-        second = codec(group["second_moment_format"], group["group_size"], group["expansion"], group["min_expansion"])
-        return first, second
+    codecs = staticmethod(group_codecs)
 
     def quantizes(self, p: torch.Tensor, group: dict) -> bool:
         """Whether ``p`` gets FP8 moments (decided by its state once it has one)."""
@@ -129,17 +126,9 @@ class CoatAdamW(torch.optim.Optimizer):
 
     def to_torch_adamw_state_dict(self) -> dict:
         """This optimizer's state dict in torch.optim.AdamW's format (fp32 moments)."""
-        from memwise_coat.conversion import to_torch_adamw
-
         return to_torch_adamw(self.state_dict())
 
     def load_torch_adamw_state_dict(self, state_dict: dict) -> None:
         """Load a torch.optim.AdamW state dict, quantizing its moments."""
-        from memwise_coat.conversion import from_torch_adamw
-
         self.load_state_dict(from_torch_adamw(state_dict, self))
 
-
-def is_quantized(state: dict) -> bool:
-    """True when a parameter's state holds FP8 moments."""
-    return state["exp_avg"].dtype in (torch.float8_e4m3fn, torch.float8_e5m2)

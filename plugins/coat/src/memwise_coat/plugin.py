@@ -91,7 +91,7 @@ class CoatPlugin(memwise.Plugin):
 
     @hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
-        from memwise_coat.estimate import activation_delta, optimizer_delta
+        from memwise_coat.estimate import activation_delta, optimizer_delta, transients
 
         notes, delta = [], MemoryDelta()
         if self.config.optimizer:
@@ -99,6 +99,7 @@ class CoatPlugin(memwise.Plugin):
             notes.append(note)
         if self.config.activations:
             delta.activations, note = activation_delta(ctx.model, ctx.workload, self.config)
+            delta.layer_backward, delta.layer_forward = transients(ctx.model, ctx.workload)
             notes.append(note)
         delta.note = "; ".join(notes)
         return delta

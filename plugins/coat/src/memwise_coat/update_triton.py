@@ -13,7 +13,7 @@ import triton.language as tl
 from memwise.kernels.fp8_triton import round_to_grid
 
 from memwise_coat.quantization import MomentCodec
-from memwise_coat.update import StepScalars
+from memwise_coat.scalars import StepScalars
 
 
 @triton.jit

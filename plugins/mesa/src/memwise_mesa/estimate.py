@@ -5,7 +5,8 @@ int64 step count). Activations: per converted layer, the bytes the baseline save
 backward minus the 8-bit payloads (HF Llama-style layers; GQA attention through SDPA
 saving q, k, v and log-sum-exp; its output is counted as o_proj's input, which on CPU is
 the same tensor). Standalone activations of unknown width are
-left out of the activation figure (their quantizer is sized on first use).
+left out of the activation figure (their quantizer is sized on first use). Transients: the
+gated MLP's backward, which rebuilds its inputs from the 8-bit copies (the peak of a step).
 """
 
 from __future__ import annotations
@@ -73,9 +74,30 @@ def activation_delta(model: nn.Module, plan: Sequence[Conversion], tokens: int, 
     return delta
 
 
+GATED_BACKWARD_TENSORS = 7
+"""tokens x intermediate tensors a gated MLP's backward holds at its worst: g and u unpacked,
+act(g) and the product recomputed, the product's gradient, and the gradients of g and u."""
+
+
+def layer_backward_bytes(model: nn.Module, plan: Sequence[Conversion], tokens: int, act_bytes: int,
+                         mixed: bool) -> int:
+    """What the last layer's gated MLP holds in backward beside the saved activations and the
+    parameter gradients (memwise.memory.Transients.layer_backward): ``GATED_BACKWARD_TENSORS``
+    of its width, and the gradient arriving from the residual stream; 0 without a gated MLP."""
+    modules = dict(model.named_modules())
+    widths = [modules[c.name].gate_proj.out_features for c in plan if c.kind == "glu"]
+    if not widths:
+        return 0
+    hidden = modules[next(c.name for c in plan if c.kind == "glu")].gate_proj.in_features
+    residual = 4 if mixed else act_bytes
+    return tokens * (GATED_BACKWARD_TENSORS * act_bytes * max(widths) + residual * hidden)
+
+
 def mesa_delta(model: nn.Module, plan: Sequence[Conversion], groups: int, batch_size: int, seq_len: int,
                act_bytes: int, mixed: bool) -> MemoryDelta:
     """The MemoryDelta of converting ``model`` by ``plan``."""
+    tokens = batch_size * seq_len
     return MemoryDelta(parameters=quantizer_bytes(plan, groups),
-                       activations=activation_delta(model, plan, batch_size * seq_len, act_bytes, mixed),
+                       activations=activation_delta(model, plan, tokens, act_bytes, mixed),
+                       layer_backward=layer_backward_bytes(model, plan, tokens, act_bytes, mixed),
                        note=f"Mesa: {len(plan)} layers save 8-bit activations")

@@ -51,6 +51,7 @@ class MesaLinearFn(torch.autograd.Function):
         grad_x = (grad @ weight).to(ctx.x_dtype) if need_x else None
         x_hat = unpack(ctx.packed, weight.dtype) if need_w else None
         grad_w, grad_b = linear_param_grads(grad, x_hat, need_w, ctx.has_bias and need_b)
+        ctx.packed = None  # autograd frees saved tensors after backward, not attributes of ctx
         return grad_x, grad_w, grad_b, None
 
 
@@ -89,6 +90,7 @@ class GatedDownFn(torch.autograd.Function):
             found = iter(torch.autograd.grad(h, targets, grad_h))
             grad_g = next(found) if need_g else None
             grad_u = next(found) if need_u else None
+        ctx.packed = None
         return grad_g, grad_u, grad_w, grad_b, None, None
 
 
@@ -141,6 +143,7 @@ class RecomputeFn(torch.autograd.Function):
         targets = [t for t, n in zip(list(xs) + list(params), needs) if n]
         found = iter(torch.autograd.grad(out, targets, grad, allow_unused=True))
         grads = [next(found) if n else None for n in needs]
+        ctx.packed = ctx.fn = None
         return (None, None, None, None, *grads)
 
 
