@@ -91,7 +91,7 @@ def test_one_packed_copy_for_a_tensor_saved_by_q_k_and_v():
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if type(fn).__name__ == "MesaLinearFnBackward" and fn.packed.shape[-1] == 64:
+        if type(fn).__name__ == "SavedLinearBackward" and fn.packed.shape[-1] == 64:
             packed.append(fn.packed)
         stack += [n for n, _ in fn.next_functions]
     # q, k, v share the input_layernorm output; gate, up share post_attention_layernorm's; o_proj has its own
