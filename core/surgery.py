@@ -17,6 +17,7 @@ attached submodules or attributes (``attach``). ``restore(model, owner)`` is the
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from fnmatch import fnmatch
 from typing import Any, Union
@@ -147,8 +148,13 @@ def swap_class(module: nn.Module, mixin: type, owner: str, prefix: str) -> None:
 
 
 def owner(module: nn.Module) -> str | None:
-    """The owner of the module's outermost class swap, or None."""
-    return type(module).__dict__.get(_OWNER)
+    """The owner of the module's newest class swap (also under a class another library put on top), or None."""
+    return next((vars(cls)[_OWNER] for cls in type(module).__mro__ if _OWNER in vars(cls)), None)
+
+
+def swapped_by(module: nn.Module, owner_name: str) -> bool:
+    """True when one of the module's class swaps is ``owner_name``'s."""
+    return any(vars(cls).get(_OWNER) == owner_name for cls in type(module).__mro__)
 
 
 def wrap_forward(module: nn.Module, owner_name: str, wrapper: Callable[..., Any], *extra: Any) -> None:
@@ -177,7 +183,7 @@ def attached(module: nn.Module, owner_name: str) -> list[str]:
 
 def touched(module: nn.Module, owner_name: str) -> bool:
     """True when ``owner_name`` swapped, wrapped or attached anything on ``module``."""
-    return owner(module) == owner_name or wrapped_by(module, owner_name) or bool(attached(module, owner_name))
+    return swapped_by(module, owner_name) or wrapped_by(module, owner_name) or bool(attached(module, owner_name))
 
 
 def _unwrap(module: nn.Module, owner_name: str) -> None:
@@ -198,14 +204,18 @@ def restore(model: nn.Module, owner_name: str) -> list[str]:
     """Undo every change ``owner_name`` made to ``model``; returns the names of the modules restored.
 
     Class swaps, wrapped forwards and attachments go, so the model is the one it was before,
-    with the same parameter objects.
+    with the same parameter objects. Changes are undone newest first: a class swap that another
+    class was later put on top of stays (with a warning), a wrap under another is an error.
     """
     restored = []
     for name, module in model.named_modules():
         if not touched(module, owner_name):
             continue
-        if owner(module) == owner_name:
-            module.__class__ = type(module).__dict__[_ORIGINAL]
+        if vars(type(module)).get(_OWNER) == owner_name:
+            module.__class__ = vars(type(module))[_ORIGINAL]
+        elif swapped_by(module, owner_name):
+            warnings.warn(f"{name}: {owner_name}'s class swap stays, {type(module).__name__} was put on top of "
+                          "it later (undo that first)", stacklevel=2)
         while wrapped_by(module, owner_name):
             _unwrap(module, owner_name)
         names = module.__dict__.get(_ATTACHED, {}).pop(owner_name, [])

@@ -66,6 +66,11 @@ class Doubled:
         return 2 * super().forward(x)
 
 
+class Halved:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / 2
+
+
 def _plus_one(module, forward, *args, **kwargs):
     out = forward(*args, **kwargs)
     return (out[0] + 1, *out[1:]) if isinstance(out, tuple) else out + 1
@@ -105,3 +110,16 @@ def test_stacked_wraps_undo_in_reverse_only():
     assert surgery.wrapped_by(layer, "a") and not surgery.wrapped_by(layer, "b")
     surgery.restore(model, "a")
     assert "forward" not in vars(layer)
+
+
+def test_a_swap_under_a_later_one_stays_with_a_warning():
+    model = tiny_llama(layers=1)
+    q = model.model.layers[0].self_attn.q_proj
+    surgery.swap_class(q, Doubled, "a", "Doubled")
+    surgery.swap_class(q, Halved, "b", "Halved")
+    assert surgery.owner(q) == "b" and surgery.swapped_by(q, "a") and surgery.touched(q, "a")
+    with pytest.warns(UserWarning, match="undo that first"):
+        surgery.restore(model, "a")
+    surgery.restore(model, "b")
+    surgery.restore(model, "a")
+    assert type(q) is torch.nn.Linear

@@ -83,7 +83,7 @@ def apply_fp8_activations(model: nn.Module, *, include: Iterable[str] | None = N
     converted: list[str] = []
     fused: set[str] = set()  # act_fn of a converted SwiGLU block: the fused function covers it
     for name, module, kind in surgery.select_modules(model, include, list(exclude), layers, kinds):
-        if name in fused or surgery.owner(module) == OWNER:
+        if name in fused or surgery.swapped_by(module, OWNER):
             continue
         surgery.swap_class(module, _MIXINS[kind], OWNER, "FP8")
         if kind == "glu":
