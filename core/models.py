@@ -168,18 +168,3 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     LightningModule, a PEFT wrapper), found through its architecture adapter; an architecture
     without one is an error listing the supported ones."""
     return architectures.decoder_layers(model)
-
-
-def select_layers(model: torch.nn.Module, layers: Any) -> list[tuple[str, torch.nn.Module]]:
-    """The decoder layers named by ``layers``: 'all' or indices (negative ones count from the end).
-
-    One meaning of a plugin's ``layers`` setting for every plugin that acts per decoder layer.
-    """
-    found = decoder_layers(model)
-    if layers == "all":
-        return found
-    n = len(found)
-    bad = [i for i in layers if not -n <= i < n]
-    if bad:
-        raise IndexError(f"layer indices {bad} out of range for a model with {n} decoder layers")
-    return [found[i % n] for i in sorted({i % n for i in layers})]

@@ -42,26 +42,10 @@ VARIANTS = {
 def head_share(tokens: int, hidden: int, vocab: int) -> None:
     """The LM head + loss alone under MemTracker: peak bytes above the hidden states, the weight
     and their gradients (which both paths hold), HF's path (linear + cross-entropy) vs chunked."""
-    import torch
-    import torch.nn.functional as F
+    from memwise_chunked_ce import auto_chunk_size
+    from memwise_chunked_ce.measure import head_loss_peaks
 
-    from memwise.memory import _tracker
-    from memwise_chunked_ce import auto_chunk_size, chunked_linear_cross_entropy
-
-    def peak(fn) -> int:
-        torch.manual_seed(0)
-        h = torch.randn(tokens, hidden, requires_grad=True)
-        w = torch.nn.Parameter(torch.randn(vocab, hidden) / hidden ** 0.5)
-        t = torch.randint(0, vocab, (tokens,))
-        mt = _tracker()
-        mt.track_external(w, h, t)
-        with mt:
-            fn(h, w, t).backward()
-        held = sum(x.numel() * 4 for x in (h, w, h.grad, w.grad))
-        return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - held
-
-    base = peak(lambda h, w, t: F.cross_entropy(F.linear(h, w), t))
-    chunked = peak(lambda h, w, t: chunked_linear_cross_entropy(h, w, t))
+    base, chunked = head_loss_peaks(tokens, hidden, vocab)
     chunk = auto_chunk_size(tokens, hidden, vocab)
     print(f"head + loss alone, {tokens} tokens, hidden {hidden}, vocabulary {vocab} (chunk {chunk}): "
           f"{base / 2**20:,.1f} MiB -> {chunked / 2**20:,.1f} MiB ({base / chunked:.1f}x)\n")

@@ -40,7 +40,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memwise_kvprune import FP8, Eviction, ThinK, make_cache, predict_nbytes
 from memwise_kvprune.attention import pruned_attention
-from memwise_kvprune.compat import cache_kwarg, register_attention, sdpa_forward, set_attention_implementation
+from memwise.attention import register_attention, set_attention_implementation
+from memwise_kvprune.compat import cache_kwarg, sdpa_forward
 from memwise_kvprune.layer import PrunedView
 
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import memwise
-from memwise.memory import _tracker, llama_activation_bytes, logits_activation_bytes, measure_step
+from memwise_chunked_ce.measure import head_loss_peaks
+from memwise.memory import llama_activation_bytes, logits_activation_bytes, measure_step
 from memwise_chunked_ce import (ChunkedCEPlugin, apply_chunked_ce, auto_chunk_size, chunked_linear_cross_entropy,
                                 remove_chunked_ce)
 
@@ -129,21 +130,7 @@ def test_hf_model_loss_and_gradients_match(tied):
 def test_logits_share_falls_eightfold_at_32k_vocab():
     """Head + loss alone under MemTracker: bytes above what both paths hold (hidden, weight, grads)."""
     n, hidden, vocab = 1024, 64, 32768
-
-    def peak(fn):
-        torch.manual_seed(0)
-        h = torch.randn(n, hidden, requires_grad=True)
-        w = torch.nn.Parameter(torch.randn(vocab, hidden) / 16)
-        t = torch.randint(0, vocab, (n,))
-        mt = _tracker()
-        mt.track_external(w, h, t)
-        with mt:
-            fn(h, w, t).backward()
-        held = sum(x.numel() * 4 for x in (h, w, h.grad, w.grad))
-        return mt.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - held
-
-    base = peak(lambda h, w, t: F.cross_entropy(F.linear(h, w), t))
-    chunked = peak(lambda h, w, t: chunked_linear_cross_entropy(h, w, t, chunk_size=64))
+    base, chunked = head_loss_peaks(n, hidden, vocab, chunk_size=64)
     assert base >= 2 * n * vocab * 4  # logits and log-softmax at least
     assert chunked * 8 <= base, (chunked, base)
 

@@ -7,7 +7,7 @@ import torch
 from memwise import NoEffectWarning
 from memwise.memory import measure_step
 from memwise_coat import apply_fp8_activations, remove_fp8_activations
-from memwise_coat.activation_quant import GroupedFP8, PerTensorFP8
+from memwise_coat.activation_quant import GroupedCodec, GroupedFP8, PerTensorCodec, PerTensorFP8
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -110,3 +110,26 @@ def test_bf16_autocast_forward_exact_and_gradients_above_20db():
     assert outs[1].logits.dtype == torch.bfloat16 and torch.equal(outs[0].logits, outs[1].logits)
     assert all(q.grad.dtype == torch.float32 for q in fp8.parameters())
     assert min(snr_db(p.grad, q.grad) for p, q in zip(base.parameters(), fp8.parameters())) >= 20
+
+
+def test_restore_gives_back_the_model_bitwise_and_layers_select_decoder_layers():
+    model = _model()
+    before = [(n, type(m), sorted(vars(m))) for n, m in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = apply_fp8_activations(model, layers=[-1], grad_format="e5m2")
+    assert names and all(n.startswith("model.layers.1.") for n in names)
+    assert type(model.model.layers[1].self_attn.q_proj).__name__ == "FP8Linear"
+    remove_fp8_activations(model)
+    assert [(n, type(m), sorted(vars(m))) for n, m in model.named_modules()] == before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_codecs_round_trip_and_nbytes_are_the_bytes_held():
+    torch.manual_seed(0)
+    x = torch.randn(8, 40)
+    for codec, parts in ((PerTensorCodec(), lambda p: (p.codes, p.scale)),
+                         (GroupedCodec(), lambda p: (p.codes, p.scale))):
+        packed = codec.pack(x)
+        assert codec.nbytes(packed) == sum(t.untyped_storage().nbytes() for t in parts(packed))
+        y = codec.unpack(packed, torch.bfloat16)
+        assert y.dtype == torch.bfloat16 and ((x - y.float()).norm() / x.norm()) < 0.05

@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from memwise_loram import IndexMap, prune
-from memwise_loram.index_map import Geometry, kept_counts, parse_layers
+from memwise.surgery import layer_indices as parse_layers
+from memwise_loram.index_map import Geometry, kept_counts
 
 
 def tiny(layers=2, kv=2, heads=4, inter=128):

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memwise
 from memwise.memory import measure_step
 from memwise_mesa import apply_mesa, generic_mesa, revert_mesa
-from memwise_mesa.layers import MesaLinearMixin
+from memwise_mesa import MesaPlugin, RangeQuantizer
+from memwise_mesa.layers import MesaLinearMixin, RangeCodec
 
 
 def llama(layers: int = 2) -> LlamaForCausalLM:
@@ -91,7 +92,7 @@ def test_one_packed_copy_for_a_tensor_saved_by_q_k_and_v():
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if type(fn).__name__ == "MesaLinearFnBackward" and fn.packed.shape[-1] == 64:
+        if type(fn).__name__ == "SavedLinearBackward" and fn.packed.shape[-1] == 64:
             packed.append(fn.packed)
         stack += [n for n, _ in fn.next_functions]
     # q, k, v share the input_layernorm output; gate, up share post_attention_layernorm's; o_proj has its own
@@ -195,3 +196,49 @@ def test_attention_dropout_is_replayed_in_backward():
     lm, gm = loss_and_grads(mesa, x)
     assert torch.equal(lb, lm)
     assert snr_db(gb, gm) >= 30
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {"classes": [(n, type(m)) for n, m in model.named_modules()],
+            "attrs": [(n, sorted(vars(m))) for n, m in model.named_modules()],
+            "params": [(n, id(p)) for n, p in model.named_parameters()],
+            "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def test_revert_gives_back_the_model_bitwise():
+    model = llama()
+    ids = batch()
+    before, logits = _snapshot(model), model(input_ids=ids).logits
+    apply_mesa(model)
+    model(input_ids=ids).logits.sum().backward()  # ranges move, packs are made
+    model.zero_grad(set_to_none=True)
+    revert_mesa(model)
+    after = _snapshot(model)
+    assert {k: v for k, v in before.items() if k != "state"} == {k: v for k, v in after.items() if k != "state"}
+    assert before["state"].keys() == after["state"].keys()
+    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
+    assert model.config._attn_implementation == "sdpa" and torch.equal(model(input_ids=ids).logits, logits)
+
+
+def test_layers_select_decoder_layers_as_in_every_plugin():
+    model = llama(3)
+    report = apply_mesa(model, layers="1-2")
+    assert report.converted and all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in report.converted)
+    assert type(model.lm_head) is torch.nn.Linear
+    with pytest.raises(memwise.RecipeError, match="mesa.kinds"):
+        MesaPlugin(layers=["linear", "norm"])  # the old meaning of mesa.layers names its new key
+    assert MesaPlugin(kinds=["linear"], layers=[0, -1]).config.layers == [0, -1]
+
+
+def test_range_codec_round_trip_and_nbytes_are_exact():
+    torch.manual_seed(0)
+    q = RangeQuantizer("channel", 4, stochastic=False)
+    x = torch.randn(6, 5, 16)
+    codec = RangeCodec(q, update=True)
+    packed = codec.pack(x)
+    held = sum(t.untyped_storage().nbytes() for t in (packed.payload, packed.scale, packed.offset))
+    assert codec.nbytes(packed) == held == x.numel() + 2 * 4 * 4
+    y = codec.unpack(packed, torch.float32)
+    step = packed.scale.repeat_interleave(4)  # one range per 4 contiguous channels: rounding is within half a step
+    assert y.dtype == torch.float32 and ((y - x).abs() <= step / 2 + 1e-6).all()
+    assert codec.unpack(packed, torch.bfloat16).dtype == torch.bfloat16

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
-
 import memwise
-from memwise import MemoryDelta, Problem, architectures, hookimpl, option
+from memwise import MemoryDelta, Problem, architectures, hookimpl, option, surgery
 from memwise.memory import llama_layer_activation_bytes
-from memwise.models import decoder_layers, select_layers
+from memwise.models import decoder_layers
+from memwise.surgery import LayerSpec, select_layers
 from memwise_checkpointing.surgery import apply_checkpointing, remove_checkpointing
 
 
@@ -23,12 +22,14 @@ class CheckpointingPlugin(memwise.Plugin):
 
     @dataclass
     class Config:
-        layers: Union[str, list[int]] = option("all", "'all' or a list of decoder-layer indices to recompute")
+        layers: LayerSpec = option("all", "decoder layers to recompute: 'all', indices (negative count from "
+                                          "the end) or inclusive ranges such as '1,3-5'")
 
     def post_init(self) -> None:
-        if isinstance(self.config.layers, str) and self.config.layers != "all":
-            raise memwise.RecipeError([Problem("checkpointing.layers",
-                                               f"must be 'all' or a list of layer indices, got '{self.config.layers}'")])
+        try:
+            surgery.layer_indices(self.config.layers, 10**6)
+        except surgery.LayerSelectionError as err:
+            raise memwise.RecipeError([Problem("checkpointing.layers", str(err))]) from None
 
     def provides(self) -> set[str]:
         return {"activation.storage"}

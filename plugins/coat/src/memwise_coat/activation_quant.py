@@ -1,17 +1,18 @@
 """FP8 storage of tensors saved for backward: per-tensor for linear inputs, 1x16 groups elsewhere.
 
 Forward outputs are computed from the full-precision inputs (exact); only what autograd keeps
-for backward is FP8, and backward works on its dequantized copy.
+for backward is FP8, and backward works on its dequantized copy. The formats are codecs on
+``memwise.saved``'s Functions, which Mesa's 8-bit activations use too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from memwise.kernels.fp8 import E4M3, E5M2, FP8Format, quantize
+from memwise.saved import SavedLinear, SavedRecompute, shared
 
 ACT_GROUP = 16
 CHUNK = 1 << 17
@@ -72,76 +73,41 @@ class GroupedFP8:
         return self.codes.numel() + 2 * self.scale.numel()
 
 
-def _shared_per_tensor(x: torch.Tensor) -> PerTensorFP8:
-    """One FP8 copy per input tensor, shared by every linear layer that reads it (q, k, v)."""
-    cached = getattr(x, "_memwise_coat_fp8", None)
-    if cached is not None and cached[0] == x._version:
-        return cached[1]
-    packed = PerTensorFP8(x)
-    x._memwise_coat_fp8 = (x._version, packed)
-    return packed
+class PerTensorCodec:
+    """``PerTensorFP8`` as a ``memwise.saved`` codec (shared: one copy per input read by q, k and v)."""
+
+    def __init__(self, fmt: FP8Format = E4M3) -> None:
+        self.fmt = fmt
+        self.share_key = ("coat-per-tensor", fmt.name)
+
+    def pack(self, x: torch.Tensor) -> PerTensorFP8:
+        return PerTensorFP8(x, self.fmt)
+
+    def unpack(self, packed: PerTensorFP8, dtype: torch.dtype) -> torch.Tensor:
+        return packed.dequantize().to(dtype)
+
+    def nbytes(self, packed: PerTensorFP8) -> int:
+        return packed.nbytes
 
 
-def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
-    kind = device.type
-    return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+class GroupedCodec:
+    """``GroupedFP8`` (1x16 groups) as a ``memwise.saved`` codec."""
+
+    share_key = None
+
+    def pack(self, x: torch.Tensor) -> GroupedFP8:
+        return GroupedFP8(x)
+
+    def unpack(self, packed: GroupedFP8, dtype: torch.dtype) -> torch.Tensor:
+        return packed.dequantize().to(dtype)
+
+    def nbytes(self, packed: GroupedFP8) -> int:
+        return packed.nbytes
 
 
-class FP8Linear(torch.autograd.Function):
-    """y = x W^T + b, saving x as per-tensor FP8 E4M3; optional E5M2 output gradients."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                grad_format: FP8Format | None) -> torch.Tensor:
-        out = F.linear(x, weight, bias)
-        ctx.packed = _shared_per_tensor(x)
-        ctx.grad_format = grad_format
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        (weight,) = ctx.saved_tensors
-        if ctx.grad_format is not None:
-            grad_out = PerTensorFP8(grad_out, ctx.grad_format).dequantize()
-        dtype = grad_out.dtype
-        x = ctx.packed.dequantize().to(dtype)
-        grad_x = grad_out @ weight.to(dtype) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        ctx.packed = None
-        return grad_x, grad_w, grad_b, None
-
-
-class FP8Recompute(torch.autograd.Function):
-    """out = fn(*activations) with module parameters as extra inputs; activations saved as 1x16 FP8.
-
-    Backward recomputes ``fn`` on the dequantized activations and takes its vector-Jacobian product.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, fn: Callable[..., torch.Tensor], num_acts: int, *tensors: torch.Tensor) -> torch.Tensor:
-        acts, params = tensors[:num_acts], tensors[num_acts:]
-        ctx.fn, ctx.params = fn, params
-        ctx.packed = [GroupedFP8(a) for a in acts]
-        ctx.autocast = _autocast_state(acts[0].device)
-        with torch.no_grad():
-            return fn(*acts)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        kind, enabled, dtype = ctx.autocast
-        acts = [p.dequantize().requires_grad_(True) for p in ctx.packed]
-        wanted = [t for t, need in zip([*acts, *ctx.params], ctx.needs_input_grad[2:]) if need]
-        with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
-            out = ctx.fn(*acts)
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else iter(())
-        result = [next(grads) if need else None for need in ctx.needs_input_grad[2:]]
-        ctx.packed = ctx.fn = ctx.params = None
-        return (None, None, *result)
+LINEAR_INPUT = shared(PerTensorCodec())
+GRAD_E5M2 = PerTensorCodec(E5M2)
+GROUPED = GroupedCodec()
 
 
 def fp8_recompute(fn: Callable[..., torch.Tensor], acts: Sequence[torch.Tensor],
@@ -149,7 +115,7 @@ def fp8_recompute(fn: Callable[..., torch.Tensor], acts: Sequence[torch.Tensor],
     """``fn(*acts)``, keeping ``acts`` for backward as 1x16-group FP8 (params kept as they are)."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (*acts, *params)):
         return fn(*acts)
-    return FP8Recompute.apply(fn, len(acts), *acts, *params)
+    return SavedRecompute.apply(fn, [GROUPED] * len(acts), False, len(acts), *acts, *params)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -157,4 +123,4 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """A linear layer whose saved input is per-tensor FP8 E4M3 (``grad_format="e5m2"``: FP8 gradients)."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return F.linear(x, weight, bias)
-    return FP8Linear.apply(x, weight, bias, E5M2 if grad_format == "e5m2" else None)
+    return SavedLinear.apply(x, weight, bias, LINEAR_INPUT, GRAD_E5M2 if grad_format == "e5m2" else None)

@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 
 import memwise
 from memwise import MemoryDelta, Problem, RecipeError, hookimpl, option
+from memwise_galore.subspace import adamw_subspace_problems, replace_adamw, subspace_state_delta
 
 
 class FrugalPlugin(memwise.Plugin):
@@ -52,33 +53,20 @@ class FrugalPlugin(memwise.Plugin):
 
     @hookimpl
     def memwise_validate(self, ctx: Any) -> list:
-        from memwise_galore.plugin import adamw_subspace_problems
-
         return adamw_subspace_problems(self.name, ctx, self.config.include, self.config.exclude)
 
     @hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
-        from memwise_galore.plugin import projected_parameters
-
         from memwise_frugal.optimizer import frugal_state_bytes
 
         c = self.config
-        chosen = {id(p) for p in projected_parameters(ctx.model, c.include, c.exclude)}
-        params = [p for p in ctx.model.parameters() if p.requires_grad]
-        ours = sum(frugal_state_bytes(p, id(p) in chosen, c.density, c.selection) for p in params)
-        base = sum(frugal_state_bytes(p, False, 0.0, "") for p in params)
-        return MemoryDelta(optimizer_state=ours - base,
-                           note=f"FRUGAL density {c.density} ({c.selection}) on {len(chosen)} weights: "
-                                f"optimizer state {ours / max(base, 1):.3f}x AdamW's")
+        return subspace_state_delta(ctx.model, c.include, c.exclude,
+                                    lambda p, chosen: frugal_state_bytes(p, chosen, c.density, c.selection),
+                                    f"FRUGAL density {c.density} ({c.selection})")
 
     @hookimpl
     def memwise_configure_optimizer(self, ctx: Any) -> None:
-        import torch
-        from memwise_galore.plugin import projected_parameters
-
         from memwise_frugal.optimizer import FrugalAdamW
 
-        if not isinstance(ctx.optimizer, torch.optim.AdamW):
-            raise TypeError(f"frugal replaces torch.optim.AdamW, got {type(ctx.optimizer).__name__}")
-        chosen = projected_parameters(ctx.model, self.config.include, self.config.exclude)
-        ctx.optimizer = FrugalAdamW.from_torch(ctx.optimizer, frugal_params=chosen, **self.options())
+        c = self.config
+        replace_adamw(self.name, ctx, FrugalAdamW, c.include, c.exclude, "frugal_params", self.options())

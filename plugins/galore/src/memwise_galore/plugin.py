@@ -2,42 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import memwise
 from memwise import MemoryDelta, Problem, RecipeError, hookimpl, option
+from memwise_galore.subspace import adamw_subspace_problems, replace_adamw, subspace_state_delta
 
-
-def projected_parameters(model: Any, include: Optional[list[str]], exclude: list[str]) -> list:
-    """Weights of ``nn.Linear`` modules whose names match ``include`` (None: all) and no ``exclude`` glob."""
-    from torch import nn
-
-    chosen = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not module.weight.requires_grad:
-            continue
-        if include is not None and not any(fnmatch.fnmatch(name, pat) for pat in include):
-            continue
-        if any(fnmatch.fnmatch(name, pat) for pat in exclude):
-            continue
-        chosen.append(module.weight)
-    return chosen
-
-
-
-def adamw_subspace_problems(plugin: str, ctx: Any, include: Optional[list[str]], exclude: list[str]) -> list:
-    """What GaLore and FRUGAL both need: AdamW as the recipe's optimizer, and weights to act on."""
-    name = ctx.config.optimizer.name if ctx.config else "adamw"
-    problems = []
-    if name != "adamw":
-        problems.append(Problem(plugin, f"replaces AdamW, but the recipe's optimizer is '{name}'; "
-                                "set optimizer.name: adamw"))
-    if ctx.model is not None and not projected_parameters(ctx.model, include, exclude):
-        problems.append(Problem(f"{plugin}.include", "matches no linear weight of the model; "
-                                "check the include/exclude globs"))
-    return problems
 
 class GaLorePlugin(memwise.Plugin):
     """GaLore / Natural GaLore: Adam moments of low-rank projected gradients for linear weights."""
@@ -92,22 +63,15 @@ class GaLorePlugin(memwise.Plugin):
         from memwise_galore.optimizer import galore_state_bytes
 
         c = self.config
-        chosen = {id(p) for p in projected_parameters(ctx.model, c.include, c.exclude)}
-        params = [p for p in ctx.model.parameters() if p.requires_grad]
-        ours = sum(galore_state_bytes(p, id(p) in chosen, c.rank, c.proj_type, c.natural, c.history) for p in params)
-        base = sum(galore_state_bytes(p, False, 0, "", False, 0) for p in params)
         kind = "Natural GaLore" if c.natural else "GaLore"
-        return MemoryDelta(optimizer_state=ours - base,
-                           note=f"{kind} rank {c.rank} on {len(chosen)} weights: optimizer state "
-                                f"{ours / max(base, 1):.3f}x AdamW's")
+        return subspace_state_delta(
+            ctx.model, c.include, c.exclude,
+            lambda p, chosen: galore_state_bytes(p, chosen, c.rank, c.proj_type, c.natural, c.history),
+            f"{kind} rank {c.rank}")
 
     @hookimpl
     def memwise_configure_optimizer(self, ctx: Any) -> None:
-        import torch
-
         from memwise_galore.optimizer import GaLoreAdamW
 
-        if not isinstance(ctx.optimizer, torch.optim.AdamW):
-            raise TypeError(f"galore replaces torch.optim.AdamW, got {type(ctx.optimizer).__name__}")
-        chosen = projected_parameters(ctx.model, self.config.include, self.config.exclude)
-        ctx.optimizer = GaLoreAdamW.from_torch(ctx.optimizer, galore_params=chosen, **self.options())
+        c = self.config
+        replace_adamw(self.name, ctx, GaLoreAdamW, c.include, c.exclude, "galore_params", self.options())

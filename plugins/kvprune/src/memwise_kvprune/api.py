@@ -48,7 +48,7 @@ def make_cache(model: torch.nn.Module, think: Any = None, eviction: Any = None, 
 
 def uninstall(model: torch.nn.Module, implementation: str = "sdpa") -> None:
     """Put ``model`` back on ``implementation`` (SDPA by default)."""
-    from memwise_kvprune.compat import set_attention_implementation
+    from memwise.attention import set_attention_implementation
 
     set_attention_implementation(model, implementation)
 

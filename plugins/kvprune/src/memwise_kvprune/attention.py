@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from memwise.attention import attention_implementation, register_attention, set_attention_implementation
 from memwise_kvprune import compat
 from memwise_kvprune.fp8store import FP8Rows
 from memwise_kvprune.layer import PrunedLayer, PrunedView, visible_mask
@@ -77,13 +78,13 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
 
 def install(model: torch.nn.Module) -> Callable[[], None]:
     """Switch ``model`` to the pruned attention; returns the undo (idempotent, restores the old name)."""
-    compat.register_attention(NAME, pruned_attention)
-    previous = compat.attention_implementation(model)
+    register_attention(NAME, pruned_attention)
+    previous = attention_implementation(model)
     if previous == NAME:
         return lambda: None
-    compat.set_attention_implementation(model, NAME)
+    set_attention_implementation(model, NAME)
 
     def undo() -> None:
-        compat.set_attention_implementation(model, previous)
+        set_attention_implementation(model, previous)
 
     return undo

@@ -40,26 +40,6 @@ def sdpa_forward() -> Callable[..., tuple[torch.Tensor, Any]]:
     return sdpa_attention_forward
 
 
-def register_attention(name: str, fn: Callable[..., Any]) -> None:
-    """Register ``fn`` as attention ``name``, with SDPA's boolean masks (sized by the cache layers)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, sdpa_mask)
-
-
-def attention_implementation(model: torch.nn.Module) -> str:
-    return model.config._attn_implementation
-
-
-def set_attention_implementation(model: torch.nn.Module, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:
-        model.config._attn_implementation = name
-
-
 def text_config(model: torch.nn.Module) -> Any:
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

@@ -10,14 +10,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from memwise import architectures
-from memwise_loram.index_map import Geometry, kept_counts, parse_layers
+from memwise.surgery import layer_indices
+from memwise_loram.index_map import Geometry, kept_counts
 from memwise_loram.nf4 import nf4_nbytes
 
 
 def layer_shapes(config: Any, ratio: float, layers: str | Iterable[int] | None) -> list[tuple[int, int]]:
     """(KV heads, MLP channels) per decoder layer after structured pruning at ``ratio``."""
     geo = Geometry.of(config)
-    pruned = set(parse_layers(layers, geo.num_layers))
+    pruned = set(layer_indices(layers, geo.num_layers))
     kept = kept_counts(geo, ratio)
     full = (geo.num_key_value_heads, geo.intermediate_size)
     return [kept if i in pruned else full for i in range(geo.num_layers)]

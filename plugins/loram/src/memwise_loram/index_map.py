@@ -125,23 +125,3 @@ def kept_counts(geometry: Geometry, ratio: float) -> tuple[int, int]:
     kv = max(1, geometry.num_key_value_heads - math.floor(geometry.num_key_value_heads * ratio))
     mlp = max(1, geometry.intermediate_size - math.ceil(geometry.intermediate_size * ratio))
     return kv, mlp
-
-
-def parse_layers(spec: str | Iterable[int] | None, num_layers: int) -> list[int]:
-    """Layers to prune from "all", "4-77", "0,2,5-6" or a list of ints (ranges inclusive)."""
-    if spec is None or spec == "all":
-        return list(range(num_layers))
-    if isinstance(spec, str):
-        out: list[int] = []
-        for part in spec.replace(" ", "").split(","):
-            if not part:
-                continue
-            lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-        layers = out
-    else:
-        layers = [int(i) for i in spec]
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} outside the model's 0-{num_layers - 1}")
-    return sorted(set(layers))

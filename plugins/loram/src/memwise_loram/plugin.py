@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 import memwise
 from memwise import MemoryDelta, Plugin, Problem, RecipeError, hookimpl, option
-from memwise_loram.index_map import IndexMap, parse_layers
+from memwise.surgery import LayerSpec, layer_indices
+from memwise_loram.index_map import IndexMap
 from memwise_loram.lora import ALL_TARGETS, LoraSpec
 
 Method = Literal["l2", "taylor", "random", "wanda", "2:4"]
@@ -37,7 +38,8 @@ class LoramPlugin(Plugin):
     class Config:
         method: Method = option("l2", "pruning: l2 / taylor / random (structured), wanda or 2:4 (masked in place)")
         ratio: float = option(0.5, "share pruned in each pruned layer (ceil(I*r) MLP channels, floor(n_kv*r) KV heads)")
-        layers: str = option("all", "layers to prune: 'all', or ranges like '4-77' or '1,3-5' (inclusive)")
+        layers: LayerSpec = option("all", "decoder layers to prune: 'all', indices, or inclusive ranges like '4-77' or "
+                                          "'1,3-5'")
         seed: int = option(0, "seed of random pruning and of the calibration windows")
         calibration_batches: int = option(4, "batches of training windows for taylor / wanda scores")
         calibration_batch_size: int = option(4, "sequences per calibration or alignment batch")
@@ -79,7 +81,7 @@ class LoramPlugin(Plugin):
             problems.append(Problem("loram.nf4", "NF4 would fill the zeroed weights of wanda / 2:4 with non-zero "
                                     "levels; use a structured method with nf4"))
         try:
-            parse_layers(c.layers, 10**6)
+            layer_indices(c.layers, 10**6)
         except ValueError as exc:
             problems.append(Problem("loram.layers", f"cannot read '{c.layers}': {exc}; write 'all' or '4-77'"))
         if problems:
@@ -110,7 +112,7 @@ class LoramPlugin(Plugin):
             return [Problem("loram", str(err))]
         config = ctx.model.config
         try:
-            parse_layers(c.layers, config.num_hidden_layers)
+            layer_indices(c.layers, config.num_hidden_layers)
         except ValueError as exc:
             problems.append(Problem("loram.layers", f"{exc}; the model has {config.num_hidden_layers} layers"))
         needs_data = (c.method == "taylor" and c.calibration_batches > 0) or (c.align_steps > 0 and c.align_on == "train")

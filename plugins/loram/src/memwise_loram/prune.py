@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from memwise import architectures
+from memwise.surgery import layer_indices
 from memwise_loram.importance import group_scores, input_norms, taylor_grads, top_k_sorted
-from memwise_loram.index_map import METHODS, Geometry, IndexMap, LayerKeep, kept_counts, parse_layers
+from memwise_loram.index_map import METHODS, Geometry, IndexMap, LayerKeep, kept_counts
 from memwise_loram.masking import apply_mask, two_four_mask, wanda_mask
 from memwise_loram.structured import shrink_layer
 
@@ -43,7 +44,7 @@ def prune(model: nn.Module, method: str, ratio: float, layers: str | Iterable[in
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     check_architecture(model)
     geometry = Geometry.of(model.config)
-    chosen = parse_layers(layers, geometry.num_layers)
+    chosen = layer_indices(layers, geometry.num_layers)
     imap = IndexMap(method, float(ratio), geometry)
     decoder = [layer for _, layer in architectures.decoder_layers(model)]
     if method in ("wanda", "2:4"):

@@ -1,11 +1,11 @@
 """An HF transformers attention implementation: the baseline's SDPA, with q, k, v saved in 8 bits.
 
-Registered with transformers' ``AttentionInterface`` (and its mask interface, using the
-SDPA masks) under ``memwise_mesa_sdpa``. Forward calls transformers' own
-``sdpa_attention_forward``, so the computation is the one the baseline runs (never eager
-attention, which would store the attention matrix). Backward re-runs that forward on
-q, k, v dequantized from one 8-bit group per head (per KV head for k and v) and
-backpropagates through it; SDPA's output and log-sum-exp are therefore not kept at all.
+Registered (``memwise.attention.register_attention``, with the SDPA masks) under
+``memwise_mesa_sdpa``. Forward calls transformers' own ``sdpa_attention_forward``, so the
+computation is the one the baseline runs (never eager attention, which would store the
+attention matrix). Backward re-runs that forward on q, k, v dequantized from one 8-bit
+group per head (per KV head for k and v) and backpropagates through it; SDPA's output and
+log-sum-exp are therefore not kept at all.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from memwise_mesa.functions import RecomputeFn
-from memwise_mesa.layers import packer
+from memwise.attention import register_attention
+from memwise.saved import SavedRecompute
+from memwise_mesa.layers import codec
 
 IMPLEMENTATION = "memwise_mesa_sdpa"
 QUANTIZERS = ("mesa_query", "mesa_key", "mesa_value")
@@ -35,28 +36,12 @@ def mesa_sdpa_attention_forward(module: nn.Module, query: torch.Tensor, key: tor
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if not grad or QUANTIZERS[0] not in module._modules:
         return run(query, key, value)
-    packers = [packer(module, getattr(module, name)) for name in QUANTIZERS]
-    out = RecomputeFn.apply(lambda q, k, v: run(q, k, v)[0], packers, dropout > 0, 3, query, key, value)
+    codecs = [codec(module, getattr(module, name)) for name in QUANTIZERS]
+    out = SavedRecompute.apply(lambda q, k, v: run(q, k, v)[0], codecs, dropout > 0, 3, query, key, value)
     return out, None
 
 
 @functools.cache
 def register() -> str:
     """Register the implementation with transformers (once) and return its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(IMPLEMENTATION, mesa_sdpa_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
-    return IMPLEMENTATION
-
-
-def set_implementation(model: nn.Module, name: str) -> None:
-    """Point every config of ``model`` at attention implementation ``name``."""
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-        return
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = name
+    return register_attention(IMPLEMENTATION, mesa_sdpa_attention_forward)

@@ -2,8 +2,10 @@
 
 Covered kinds: ``linear`` (input), ``norm`` (LayerNorm/RMSNorm input), ``activation``
 (GELU/SiLU input), ``glu`` (the SwiGLU product of a gate/up/down MLP) and ``attention``
-(q, k, v of HF attention run through SDPA). Names are matched with ``fnmatch`` against
-``include`` and ``exclude`` (the reference's policy, as recipe keys). Idempotent.
+(q, k, v of HF attention run through SDPA), as ``memwise.surgery.kind`` decides. Selection
+(``include``/``exclude`` patterns, ``layers`` of decoder layers) and the class swap are
+``memwise.surgery``'s, with one meaning across plugins; ``revert_mesa`` is its ``restore``.
+Idempotent.
 """
 
 from __future__ import annotations
@@ -11,20 +13,20 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 
 import torch
 from torch import nn
 
-from memwise import architectures
+from memwise import architectures, surgery
+from memwise.attention import set_attention_implementation
 from memwise.errors import NoEffectWarning
-from memwise_mesa import attention, layers, rounding
+from memwise.surgery import KINDS, LayerSpec
+from memwise_mesa import attention, rounding
+from memwise_mesa import layers as mesa_layers
+from memwise_mesa.layers import OWNER, fuses_down_proj, is_converted
 from memwise_mesa.quantizer import RangeQuantizer, channel_groups
 
-KINDS = ("linear", "norm", "activation", "glu", "attention")
 ATTENTION_GROUPS = ("head", "head_channel")
-_ACTIVATIONS = ("SiLU", "GELU", "SiLUActivation", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation",
-                "FastGELUActivation", "QuickGELUActivation", "AccurateGELUActivation")
 
 
 @dataclass
@@ -58,26 +60,6 @@ class MesaReport:
         return out
 
 
-def _kind(module: nn.Module) -> str | None:
-    if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        return "glu"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "head_dim")) and hasattr(module, "config"):
-        return "attention"
-    cls = type(module).__name__
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or (cls.endswith(("RMSNorm", "LayerNorm")) and
-                                                          isinstance(getattr(module, "weight", None), nn.Parameter)):
-        return "norm"
-    if cls in _ACTIVATIONS and not any(True for _ in module.parameters()):
-        return "activation"
-    return None
-
-
-def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    return any(fnmatch(name, p) for p in include) and not any(fnmatch(name, p) for p in exclude)
-
-
 def _norm_width(module: nn.Module) -> int:
     return int(module.weight.shape[-1])
 
@@ -85,7 +67,7 @@ def _norm_width(module: nn.Module) -> int:
 def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
               kinds: Sequence[str] = KINDS, groups: int = 256,
               attention_groups: str = "head_channel",
-              partial: bool = False) -> tuple[list[Conversion], MesaReport]:
+              partial: bool = False, layers: LayerSpec = "all") -> tuple[list[Conversion], MesaReport]:
     """The conversions ``apply_mesa`` would make, without touching ``model``.
 
     An HF model must be of an architecture whose attention and MLP Mesa converts whole
@@ -99,23 +81,18 @@ def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequen
     report = MesaReport()
     plan: list[Conversion] = []
     glu_children: set[str] = set()
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        kind = _kind(module)
-        if kind is None:
-            continue
-        if layers.is_converted(module):
+    for name, module, kind in surgery.select_modules(model, layers=layers):
+        if is_converted(module):
             report.already.append(name)
             if kind == "glu":
                 glu_children.add(f"{name}.act_fn")
-                if layers.fuses_down_proj(module):
+                if fuses_down_proj(module):
                     glu_children.add(f"{name}.down_proj")
             continue
         if kind not in kinds:
             report.skipped[name] = f"kind '{kind}' not in layers"
             continue
-        if not _selected(name, include, exclude):
+        if not surgery.selected(name, include, exclude):
             report.skipped[name] = "excluded by include/exclude"
             continue
         if kind in ("activation", "linear") and name in glu_children:
@@ -130,7 +107,7 @@ def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequen
             width = channel_groups(module.gate_proj.out_features, groups)
             specs = [QuantizerSpec("mesa_gate", "channel", width), QuantizerSpec("mesa_up", "channel", width)]
             glu_children.add(f"{name}.act_fn")
-            if layers.fuses_down_proj(module):
+            if fuses_down_proj(module):
                 glu_children.add(f"{name}.down_proj")
         else:
             impl = getattr(module.config, "_attn_implementation", None)
@@ -148,20 +125,22 @@ def plan_mesa(model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequen
     return plan, report
 
 
-_MIXINS = {"linear": layers.MesaLinearMixin, "norm": layers.MesaRecomputeMixin,
-           "activation": layers.MesaRecomputeMixin, "glu": layers.MesaGatedMLPMixin}
+_MIXINS = {"linear": mesa_layers.MesaLinearMixin, "norm": mesa_layers.MesaRecomputeMixin,
+           "activation": mesa_layers.MesaRecomputeMixin, "glu": mesa_layers.MesaGatedMLPMixin}
 
 
 def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                kinds: Sequence[str] = KINDS, groups: int = 256, decay: float = 0.9,
                stochastic: bool = True, attention_groups: str = "head_channel",
-               partial: bool = False) -> MesaReport:
+               partial: bool = False, layers: LayerSpec = "all") -> MesaReport:
     """Convert ``model`` in place so that the covered layers save 8-bit activations.
 
     ``include``/``exclude``: fnmatch patterns on module names (``"*lm_head"``,
     ``"model.layers.0.*"``). ``groups``: ranges per non-attention tensor, n contiguous
     channel groups (one per channel up to width n), 0 for one per channel. ``attention_groups``: one range per head and
-    channel (``head_channel``) or per head (``head``) for q, k and v. ``partial``: accept an
+    channel (``head_channel``) or per head (``head``) for q, k and v. ``layers``: decoder
+    layers whose modules are converted ('all', indices or ranges such as '1,3-5'; not 'all'
+    leaves modules outside decoder layers, such as lm_head, alone). ``partial``: accept an
     architecture Mesa's layer rules cover only in part (fused or Conv1D projections, soft-capped
     attention), for use under ``generic_mesa``; otherwise it is refused by name. Warns
     ``NoEffectWarning`` when nothing changes.
@@ -170,7 +149,7 @@ def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",),
         raise ValueError(f"bits={bits}: only 8-bit storage is implemented")
     if attention_groups not in ATTENTION_GROUPS:
         raise ValueError(f"attention_groups={attention_groups!r}: choose from {', '.join(ATTENTION_GROUPS)}")
-    plan, report = plan_mesa(model, include, exclude, kinds, groups, attention_groups, partial)
+    plan, report = plan_mesa(model, include, exclude, kinds, groups, attention_groups, partial, layers)
     if plan:  # the rounding stream follows the caller's seed (torch.manual_seed before conversion)
         rounding.reseed(int(torch.randint(0, 2**62, (1,)).item()))
     modules = dict(model.named_modules())
@@ -181,13 +160,13 @@ def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",),
         for spec in conv.quantizers:
             q = RangeQuantizer(spec.layout, spec.groups, decay=decay, bits=bits, stochastic=stochastic,
                                wanted_groups=groups)
-            module.add_module(spec.attr, q.to(device) if device is not None else q)
+            surgery.attach(module, OWNER, spec.attr, q.to(device) if device is not None else q)
         if conv.kind == "attention":
             attention_used = True
         else:
-            layers.swap_class(module, _MIXINS[conv.kind])
+            surgery.swap_class(module, _MIXINS[conv.kind], OWNER, "Mesa")
     if attention_used:
-        attention.set_implementation(model, attention.register())
+        set_attention_implementation(model, attention.register())
     if not plan:
         warnings.warn(f"apply_mesa converted nothing (already converted: {len(report.already)}, "
                       f"skipped: {len(report.skipped)})", NoEffectWarning, stacklevel=2)
@@ -196,14 +175,10 @@ def apply_mesa(model: nn.Module, bits: int = 8, include: Sequence[str] = ("*",),
 
 def revert_mesa(model: nn.Module) -> None:
     """Undo ``apply_mesa``: original classes, no quantizers, SDPA attention."""
-    reset_attention = False
-    for module in model.modules():
-        if "mesa_query" in module._modules:
-            reset_attention = True
-        if layers.is_converted(module):
-            layers.restore_class(module)
+    reset_attention = any(attention.QUANTIZERS[0] in m._modules for m in model.modules())
+    surgery.restore(model, OWNER)
     if reset_attention:
-        attention.set_implementation(model, "sdpa")
+        set_attention_implementation(model, "sdpa")
 
 
 def quantizers(model: nn.Module) -> dict[str, RangeQuantizer]:

@@ -9,12 +9,12 @@ Parameters, casts of parameters, small and non-float tensors are kept as they ar
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from memwise.saved import SharedCache
 from memwise_mesa.packed import PackedTensor
 from memwise_mesa.quantizer import channel_groups, group_min_max, group_view, pack_with_range, unpack
 
@@ -38,21 +38,32 @@ def pack_dynamic(x: torch.Tensor, groups: int = 256, stochastic: bool = True) ->
     return pack_with_range(x, hi - lo, lo, layout, n, 8, stochastic)
 
 
+class DynamicCodec:
+    """8 bits with each tensor's own per-group min/max (``pack_dynamic``)."""
+
+    share_key = "dynamic"
+
+    def __init__(self, groups: int = 256, stochastic: bool = True) -> None:
+        self.groups, self.stochastic = groups, stochastic
+
+    def pack(self, x: torch.Tensor) -> PackedTensor:
+        return pack_dynamic(x, self.groups, self.stochastic)
+
+    def unpack(self, packed: PackedTensor, dtype: torch.dtype) -> torch.Tensor:
+        return unpack(packed, dtype)
+
+    def nbytes(self, packed: PackedTensor) -> int:
+        return packed.nbytes()
+
+
 @contextlib.contextmanager
 def generic_mesa(min_numel: int = 4096, groups: int = 256, stochastic: bool = True) -> Iterator[None]:
     """Within this context, saved floating tensors of at least ``min_numel`` elements are 8-bit."""
-    packed_by_id: dict[int, tuple[weakref.ref, int, PackedTensor]] = {}
+    cache = SharedCache()  # one packed copy of a tensor saved by several operations
+    codec = DynamicCodec(groups, stochastic)
 
     def pack(t: torch.Tensor) -> object:
-        if _skip(t, min_numel):
-            return t
-        hit = packed_by_id.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == t._version:
-            return hit[2]
-        p = pack_dynamic(t, groups, stochastic)
-        key = id(t)
-        packed_by_id[key] = (weakref.ref(t, lambda r: packed_by_id.pop(key, None)), t._version, p)
-        return p
+        return t if _skip(t, min_numel) else cache.pack(codec, t)
 
     def unpack_hook(obj: object) -> torch.Tensor:
         return unpack(obj) if isinstance(obj, PackedTensor) else obj

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Union
 
 import memwise
 from memwise.architectures import UnsupportedArchitecture
-from memwise import MemoryDelta, Problem, RecipeError, option
-from memwise_mesa.convert import ATTENTION_GROUPS, KINDS
+from memwise import MemoryDelta, Problem, RecipeError, option, surgery
+from memwise.surgery import KINDS
+from memwise_mesa.convert import ATTENTION_GROUPS
 
 
 class MesaPlugin(memwise.Plugin):
@@ -44,7 +45,10 @@ class MesaPlugin(memwise.Plugin):
         stochastic: bool = option(True, "stochastic rounding (unbiased); false rounds to nearest")
         include: list[str] = option(["*"], "fnmatch patterns of module names to convert")
         exclude: list[str] = option([], "fnmatch patterns of module names to leave alone, e.g. '*lm_head'")
-        layers: list[str] = option(list(KINDS), "layer kinds to convert: linear, norm, activation, glu, attention")
+        kinds: list[str] = option(list(KINDS), "module kinds to convert: linear, norm, activation, glu, attention")
+        layers: Union[str, list[Union[int, str]]] = option("all", "decoder layers whose modules are converted: "
+                                                           "'all', indices or ranges such as '1,3-5' (not 'all' "
+                                                           "leaves lm_head and other modules outside them alone)")
         generic: bool = option(False, "also pack every other saved activation with saved-tensor hooks")
         generic_min_numel: int = option(4096, "generic mode leaves saved tensors smaller than this alone")
 
@@ -61,9 +65,18 @@ class MesaPlugin(memwise.Plugin):
         if c.attention_groups not in ATTENTION_GROUPS:
             problems.append(Problem("mesa.attention_groups",
                                     f"got {c.attention_groups!r}; choose from {', '.join(ATTENTION_GROUPS)}"))
-        unknown = [k for k in c.layers if k not in KINDS]
+        unknown = [k for k in c.kinds if k not in KINDS]
         if unknown:
-            problems.append(Problem("mesa.layers", f"unknown kinds {unknown}; choose from {', '.join(KINDS)}"))
+            problems.append(Problem("mesa.kinds", f"unknown kinds {unknown}; choose from {', '.join(KINDS)}"))
+        if isinstance(c.layers, list) and any(isinstance(k, str) for k in c.layers):
+            problems.append(Problem("mesa.layers", f"got {c.layers}: mesa.layers now selects decoder layers, as in "
+                                                   "every plugin ('all', indices or '1,3-5'); module kinds moved to "
+                                                   f"mesa.kinds, e.g. kinds: {[k for k in c.layers if k in KINDS]}"))
+        else:
+            try:
+                surgery.layer_indices(c.layers, 10**6)
+            except surgery.LayerSelectionError as err:
+                problems.append(Problem("mesa.layers", str(err)))
         if c.generic_min_numel < 1:
             problems.append(Problem("mesa.generic_min_numel", f"got {c.generic_min_numel}; use 1 or more"))
         if problems:
@@ -76,7 +89,8 @@ class MesaPlugin(memwise.Plugin):
         from memwise_mesa.convert import plan_mesa
 
         c = self.config
-        return plan_mesa(model, c.include, c.exclude, c.layers, c.groups, c.attention_groups, partial=c.generic)
+        return plan_mesa(model, c.include, c.exclude, c.kinds, c.groups, c.attention_groups, partial=c.generic,
+                         layers=c.layers)
 
     def slowdown(self, ctx: Any) -> float:
         """Packing and unpacking every saved activation: 1.51x the step on tiny (docs/plugins/mesa.md)."""
@@ -93,7 +107,7 @@ class MesaPlugin(memwise.Plugin):
                                     "leave)")]
         if not plan and not report.already and not self.config.generic:
             return [Problem("mesa.include", f"include {self.config.include} / exclude {self.config.exclude} / "
-                                            f"layers {self.config.layers} select no convertible module; widen "
+                                            f"kinds {self.config.kinds} / layers {self.config.layers} select no convertible module; widen "
                                             "them or set generic: true")]
         return []
 
@@ -115,8 +129,8 @@ class MesaPlugin(memwise.Plugin):
         plan, _ = self._plan(ctx.model)
         for conv in plan:
             ctx.claims.claim(conv.name, self)
-        report = apply_mesa(ctx.model, c.bits, c.include, c.exclude, c.layers, c.groups, c.decay, c.stochastic,
-                            c.attention_groups, partial=c.generic)
+        report = apply_mesa(ctx.model, c.bits, c.include, c.exclude, c.kinds, c.groups, c.decay, c.stochastic,
+                            c.attention_groups, partial=c.generic, layers=c.layers)
         ctx.shared["mesa"] = {"converted": report.counts()}
 
     @memwise.hookimpl

@@ -26,11 +26,11 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
-from memwise import NoEffectWarning
+from memwise import NoEffectWarning, surgery
 from memwise.memory import HOST
-from memwise.models import decoder_layers, select_layers
 
-_MARK = "_memwise_offload"
+OWNER = "offload"
+_MARK = "_memwise_offload"  # the model's Offloader
 
 
 def _untracked() -> Any:
@@ -272,11 +272,10 @@ def apply_offload(model: torch.nn.Module, layers: Any = "all", fraction: float =
     if offloader is None:
         offloader = Offloader(model, prefetch)
     wrapped = []
-    for name, layer in select_layers(model, layers):
-        if getattr(layer, _MARK, False):
+    for name, layer in surgery.select_layers(model, layers):
+        if surgery.wrapped_by(layer, OWNER):
             continue
-        layer.forward = functools.partial(_offloaded, layer, layer.forward, offloader, fraction)
-        setattr(layer, _MARK, True)
+        surgery.wrap_forward(layer, OWNER, _offloaded, offloader, fraction)
         wrapped.append(name)
     if wrapped:
         setattr(model, _MARK, offloader)
@@ -293,12 +292,7 @@ def offloader_of(model: torch.nn.Module) -> Offloader | None:
 
 def remove_offload(model: torch.nn.Module) -> list[str]:
     """Undo ``apply_offload`` and free the host buffers; returns the names unwrapped."""
-    removed = []
-    for name, layer in decoder_layers(model):
-        if getattr(layer, _MARK, False):
-            del layer.forward
-            delattr(layer, _MARK)
-            removed.append(name)
+    removed = surgery.restore(model, OWNER)
     offloader = getattr(model, _MARK, None)
     if offloader is not None:
         offloader.pool.clear()

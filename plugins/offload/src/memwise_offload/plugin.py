@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Union
+from typing import Any
 
 import memwise
-from memwise import MemoryDelta, Problem, RecipeError, option
+from memwise import MemoryDelta, Problem, RecipeError, option, surgery
+from memwise.surgery import LayerSpec, select_layers
 
 
 class OffloadPlugin(memwise.Plugin):
@@ -26,15 +27,18 @@ class OffloadPlugin(memwise.Plugin):
 
     @dataclasses.dataclass
     class Config:
-        layers: Union[str, list[int]] = option("all", "'all' or a list of decoder-layer indices to offload")
+        layers: LayerSpec = option("all", "decoder layers to offload: 'all', indices (negative count from the "
+                                          "end) or inclusive ranges such as '1,3-5'")
         fraction: float = option(1.0, "share of each layer's tokens (whole sequences) swapped to host; the rest "
                                       "is recomputed in backward (0 = recompute all, 1 = swap all)")
         prefetch: int = option(1, "layers fetched back ahead of the one running backward")
 
     def post_init(self) -> None:
         c, problems = self.config, []
-        if isinstance(c.layers, str) and c.layers != "all":
-            problems.append(Problem("offload.layers", f"must be 'all' or a list of layer indices, got '{c.layers}'"))
+        try:
+            surgery.layer_indices(c.layers, 10**6)
+        except surgery.LayerSelectionError as err:
+            problems.append(Problem("offload.layers", str(err)))
         if not 0.0 <= c.fraction <= 1.0:
             problems.append(Problem("offload.fraction", f"got {c.fraction}; use a share in [0, 1]"))
         if c.prefetch < 0:
@@ -46,10 +50,8 @@ class OffloadPlugin(memwise.Plugin):
         return {"activation.placement"}
 
     def _indices(self, model: Any) -> set[int]:
-        from memwise.models import select_layers
-
-        names = [name for name, _ in select_layers(model, self.config.layers)]
-        return {int(name.rsplit(".", 1)[1]) for name in names}
+        found = len(select_layers(model))
+        return set(surgery.layer_indices(self.config.layers, found))
 
     @memwise.hookimpl
     def memwise_validate(self, ctx: Any) -> list:
@@ -61,9 +63,7 @@ class OffloadPlugin(memwise.Plugin):
             return [Problem("offload.layers", str(err))]
         ckpt = ctx.plugin("checkpointing")
         if ckpt is not None:
-            from memwise.models import select_layers
-
-            theirs = {int(n.rsplit(".", 1)[1]) for n, _ in select_layers(ctx.model, ckpt.config.layers)}
+            theirs = set(surgery.layer_indices(ckpt.config.layers, len(select_layers(ctx.model))))
             both = sorted(mine & theirs)
             if both:
                 return [Problem("offload.layers", f"layers {both} are both checkpointed and offloaded; give each "

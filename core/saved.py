@@ -1,0 +1,255 @@
+"""Tensors saved for backward in a compact form: the codec interface, the autograd Functions that use it,
+and one cache for an input that several layers save.
+
+A plugin that stores activations differently (Mesa's 8-bit ranges, COAT's FP8) writes a
+``Codec``; the Functions here are the exact baseline computation in forward and keep only
+``codec.pack(input)`` for backward, which works on ``codec.unpack(packed, dtype)``:
+
+- ``SavedLinear``: ``F.linear(x, weight, bias)``, backward straight from the decoded input.
+- ``SavedRecompute``: ``fn(*inputs)`` for norms, activations, attention: backward re-runs ``fn``
+  on the decoded inputs (autocast and, when asked, RNG state replayed) and backpropagates.
+- ``SavedGatedLinear``: a gated MLP's ``F.linear(act(g) * u, weight, bias)`` keeping g and u only.
+
+``shared(codec)`` packs through ``SHARED``, so a tensor read by several layers (a norm's
+output feeding q, k and v) is stored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Codec(Protocol):
+    """How one saved tensor is stored: ``pack`` in forward, ``unpack`` in backward, ``nbytes`` of a pack.
+
+    ``share_key``: packs of one tensor by codecs with the same key are interchangeable (the
+    shared cache reuses them); None means never share.
+    """
+
+    share_key: Hashable | None
+
+    def pack(self, x: torch.Tensor) -> Any: ...
+
+    def unpack(self, packed: Any, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def nbytes(self, packed: Any) -> int: ...
+
+
+class SharedCache:
+    """The packed form of each live tensor, reused while the tensor is unchanged (same version counter).
+
+    Keyed by the tensor's identity; an entry vanishes with its tensor. A pack by a codec with
+    another ``share_key`` replaces the entry.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, Hashable, Any]] = {}
+
+    def pack(self, codec: Codec, x: torch.Tensor) -> Any:
+        key = id(x)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == codec.share_key:
+            return entry[3]
+        packed = codec.pack(x)
+        ref = weakref.ref(x, lambda r, k=key: self._forget(k, r))
+        self._entries[key] = (ref, x._version, codec.share_key, packed)
+        return packed
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._entries[key]
+
+    def live(self) -> int:
+        """How many live tensors have a packed copy here."""
+        return sum(1 for ref, *_ in self._entries.values() if ref() is not None)
+
+
+SHARED = SharedCache()
+"""The process-wide cache the layer conversions share (one packed copy per input tensor)."""
+
+
+class _Shared:
+    """A codec whose packs go through a shared cache."""
+
+    def __init__(self, codec: Codec, cache: SharedCache) -> None:
+        self.codec, self.cache, self.share_key = codec, cache, codec.share_key
+
+    def pack(self, x: torch.Tensor) -> Any:
+        return self.cache.pack(self.codec, x)
+
+    def unpack(self, packed: Any, dtype: torch.dtype) -> torch.Tensor:
+        return self.codec.unpack(packed, dtype)
+
+    def nbytes(self, packed: Any) -> int:
+        return self.codec.nbytes(packed)
+
+
+def shared(codec: Codec, cache: SharedCache = SHARED) -> Codec:
+    """``codec`` with one pack per input tensor, however many layers save it."""
+    return _Shared(codec, cache)
+
+
+def saving(x: torch.Tensor, module: nn.Module) -> bool:
+    """True when this call records a graph that will save activations of ``module``."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def with_autocast_weights(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn: Callable) -> Any:
+    """``fn(weight, bias)``, under autocast with both cast to its dtype and autocast off inside
+    (as ``F.linear`` under autocast computes), otherwise as they are."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return fn(weight, bias)
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type=device_type, enabled=False):
+        return fn(weight.to(dtype), bias.to(dtype) if bias is not None else None)
+
+
+def linear_param_grads(grad: torch.Tensor, x: torch.Tensor | None, need_w: bool,
+                       need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias gradients of ``F.linear(x, weight, bias)`` from the output gradient."""
+    flat = grad.reshape(-1, grad.shape[-1])
+    grad_w = flat.t() @ x.reshape(-1, x.shape[-1]).to(flat.dtype) if need_w else None
+    grad_b = flat.sum(0) if need_b else None
+    return grad_w, grad_b
+
+
+class SavedLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` keeping ``codec.pack(x)`` (only when the weight needs a gradient).
+
+    ``grad_codec``: when given, the output gradient is rounded through it before use (COAT's
+    FP8 gradients). Under autocast the input keeps its dtype and ``F.linear`` casts as usual.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                codec: Codec, grad_codec: Codec | None = None) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out = F.linear(x if autocast else x.to(weight.dtype), weight, bias)
+        ctx.codec, ctx.grad_codec = codec, grad_codec
+        ctx.packed = codec.pack(x) if ctx.needs_input_grad[1] else None
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.grad_codec is not None:
+            grad = ctx.grad_codec.unpack(ctx.grad_codec.pack(grad), grad.dtype)
+        grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype) if need_x else None
+        x_hat = ctx.codec.unpack(ctx.packed, grad.dtype) if need_w else None
+        grad_w, grad_b = linear_param_grads(grad, x_hat, need_w, ctx.has_bias and need_b)
+        ctx.packed = None
+        return grad_x, grad_w, grad_b, None, None
+
+
+class SavedGatedLinear(torch.autograd.Function):
+    """``F.linear(act(g) * u, weight, bias)`` keeping only ``g`` and ``u`` packed.
+
+    The product ``h`` (the down projection's input, heavy-tailed as a product of two
+    projections) is neither saved nor packed: backward rebuilds it from the decoded g and u,
+    which keeps one tensor fewer and gives the weight gradient the resolution of g and u.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                bias: torch.Tensor | None, act: Callable, codecs: Sequence[Codec]) -> torch.Tensor:
+        out = F.linear(act(g) * u, weight, bias)
+        ctx.act, ctx.codecs = act, codecs
+        ctx.packed = [codecs[0].pack(g), codecs[1].pack(u)]
+        ctx.dtypes = (g.dtype, u.dtype)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        need_g, need_u, need_w, need_b = ctx.needs_input_grad[:4]
+        g, u = (c.unpack(p, dt).requires_grad_(n)
+                for c, p, dt, n in zip(ctx.codecs, ctx.packed, ctx.dtypes, (need_g, need_u)))
+        ctx.packed = None
+        with torch.enable_grad():
+            h = ctx.act(g) * u
+        grad_w, grad_b = linear_param_grads(grad, h.detach(), need_w, ctx.has_bias and need_b)
+        grad_g = grad_u = None
+        if need_g or need_u:
+            grad_h = (grad @ weight).to(h.dtype)
+            targets = [t for t, n in ((g, need_g), (u, need_u)) if n]
+            found = iter(torch.autograd.grad(h, targets, grad_h))
+            grad_g = next(found) if need_g else None
+            grad_u = next(found) if need_u else None
+        return grad_g, grad_u, grad_w, grad_b, None, None
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class SavedRecompute(torch.autograd.Function):
+    """``fn(*inputs)`` keeping only the packed ``inputs``; backward recomputes ``fn`` on them.
+
+    ``params`` (the tensors after the first ``n_inputs``) are what ``fn`` reads besides its
+    inputs, kept as they are so their gradients are routed back; ``fn`` must be a
+    deterministic function of inputs and params, or ``keep_rng`` must be set so the forward's
+    RNG state is replayed (attention dropout).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable, codecs: Sequence[Codec], keep_rng: bool,  # type: ignore[override]
+                n_inputs: int, *tensors: torch.Tensor) -> torch.Tensor:
+        inputs, params = tensors[:n_inputs], tensors[n_inputs:]
+        device = inputs[0].device
+        ctx.fn, ctx.codecs = fn, codecs
+        ctx.autocast = _autocast_state(device.type)
+        ctx.device = device
+        ctx.rng = None
+        if keep_rng:
+            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        out = fn(*inputs)
+        ctx.packed = [codec.pack(x) for codec, x in zip(codecs, inputs)]
+        ctx.dtypes = [x.dtype for x in inputs]
+        ctx.save_for_backward(*params)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        params = ctx.saved_tensors
+        needs = ctx.needs_input_grad[4:]
+        xs = [c.unpack(p, dt).requires_grad_(bool(n))
+              for c, p, dt, n in zip(ctx.codecs, ctx.packed, ctx.dtypes, needs)]
+        ctx.packed = None
+        rng_ctx = contextlib.nullcontext()
+        if ctx.rng is not None:
+            devices = [ctx.device] if ctx.device.type == "cuda" else []
+            rng_ctx = torch.random.fork_rng(devices=devices)
+        device_type, enabled, dtype = ctx.autocast
+        with rng_ctx, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
+                torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if ctx.rng[1] is not None:
+                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            out = ctx.fn(*xs)
+        targets = [t for t, n in zip(list(xs) + list(params), needs) if n]
+        found = iter(torch.autograd.grad(out, targets, grad, allow_unused=True))
+        grads = [next(found) if n else None for n in needs]
+        return (None, None, None, None, *grads)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    """Identity hook: shields the recompute from any outer saved-tensor hooks."""
+    return t
