@@ -169,4 +169,5 @@ class MemwiseCallback(pl.Callback):
                 step.close()
         finally:
             self._transformed = False
-            self.host.teardown(self.ctx)
+            if self.ctx.model is not None:  # no model reached the plugins (a fit that failed first): nothing to undo
+                self.host.teardown(self.ctx)

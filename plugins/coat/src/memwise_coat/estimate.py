@@ -73,10 +73,11 @@ def activation_delta(model: nn.Module, workload: Any, config: Any) -> tuple[int,
     return delta, f"activations: {layers} decoder layers keep FP8 copies ({fp8 / max(base, 1):.2f}x of their bytes)"
 
 
-QUANTIZER_BUFFERS = 9
-"""fp32 buffers of one chunk the 1x16 packing of an fp32 tensor holds at once (the padded copy, the
-scaled copy and the rounding's intermediates in memwise.kernels.fp8.round_to_grid; counted with
-MemTracker); one more, its fp32 copy, for a bf16 or fp16 tensor."""
+QUANTIZER_BUFFERS = 4
+"""fp32 buffers of one chunk the 1x16 packing of an fp32 tensor holds at once: the padded copy,
+its magnitudes (for the group maxima), the scaled copy and the clamp before the FP8 cast
+(memwise.kernels.fp8.quantize), the FP8 codes a quarter more; checked with MemTracker. One more,
+its fp32 copy, for a bf16 or fp16 tensor."""
 SWIGLU_BACKWARD_TENSORS = 7
 """tokens x intermediate tensors the FP8 SwiGLU's backward holds at its worst: gate and up
 dequantized, act(gate) and the product recomputed, the product's gradient, and the gradients
