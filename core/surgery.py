@@ -47,14 +47,15 @@ class LayerSelectionError(IndexError, ValueError):
     """A ``layers`` setting that names no valid decoder layer (an index out of range, an unreadable range)."""
 
 
-def layer_indices(spec: LayerSpec | None, n: int) -> list[int]:
-    """Sorted decoder-layer indices of ``spec`` for a model with ``n`` layers.
+def parse_layers(spec: LayerSpec | None) -> list[int] | None:
+    """The indices ``spec`` names (None: every layer), checked for form but not against a model, so a
+    plugin can refuse a bad setting before any model exists.
 
     ``"all"`` (or None), a list of ints (negative ones count from the end) or a string of
     inclusive ranges such as ``"4-77"`` or ``"0,2,5-6"``.
     """
     if spec is None or spec == "all":
-        return list(range(n))
+        return None
     if isinstance(spec, str):
         wanted: list[int] = []
         for part in spec.replace(" ", "").split(","):
@@ -66,11 +67,19 @@ def layer_indices(spec: LayerSpec | None, n: int) -> list[int]:
             except ValueError:
                 raise LayerSelectionError(f"cannot read layers '{spec}': write 'all', indices such as [0, 2] "
                                           "or ranges such as '1,3-5'") from None
-    else:
-        wanted = list(spec)
+        return wanted
+    wanted = list(spec)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in wanted):
-        raise LayerSelectionError(f"layers {list(spec)} are not decoder-layer indices: write 'all', indices such as "
+        raise LayerSelectionError(f"layers {wanted} are not decoder-layer indices: write 'all', indices such as "
                                   "[0, 2] or ranges such as '1,3-5'")
+    return wanted
+
+
+def layer_indices(spec: LayerSpec | None, n: int) -> list[int]:
+    """Sorted decoder-layer indices of ``spec`` (see ``parse_layers``) for a model with ``n`` layers."""
+    wanted = parse_layers(spec)
+    if wanted is None:
+        return list(range(n))
     bad = [i for i in wanted if not -n <= i < n]
     if bad:
         raise LayerSelectionError(f"layer indices {bad} out of range for a model with {n} decoder layers")

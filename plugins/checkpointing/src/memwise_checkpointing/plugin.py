@@ -27,7 +27,7 @@ class CheckpointingPlugin(memwise.Plugin):
 
     def post_init(self) -> None:
         try:
-            surgery.layer_indices(self.config.layers, 10**6)
+            surgery.parse_layers(self.config.layers)
         except surgery.LayerSelectionError as err:
             raise memwise.RecipeError([Problem("checkpointing.layers", str(err))]) from None
 

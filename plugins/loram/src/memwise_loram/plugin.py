@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import memwise
 from memwise import MemoryDelta, Plugin, Problem, RecipeError, hookimpl, option
-from memwise.surgery import LayerSpec, layer_indices
+from memwise.surgery import LayerSpec, layer_indices, parse_layers
 from memwise_loram.index_map import IndexMap
 from memwise_loram.lora import ALL_TARGETS, LoraSpec
 
@@ -81,7 +81,7 @@ class LoramPlugin(Plugin):
             problems.append(Problem("loram.nf4", "NF4 would fill the zeroed weights of wanda / 2:4 with non-zero "
                                     "levels; use a structured method with nf4"))
         try:
-            layer_indices(c.layers, 10**6)
+            parse_layers(c.layers)
         except ValueError as exc:
             problems.append(Problem("loram.layers", f"cannot read '{c.layers}': {exc}; write 'all' or '4-77'"))
         if problems:

@@ -74,7 +74,7 @@ class MesaPlugin(memwise.Plugin):
                                                    f"mesa.kinds, e.g. kinds: {[k for k in c.layers if k in KINDS]}"))
         else:
             try:
-                surgery.layer_indices(c.layers, 10**6)
+                surgery.parse_layers(c.layers)
             except surgery.LayerSelectionError as err:
                 problems.append(Problem("mesa.layers", str(err)))
         if c.generic_min_numel < 1:

@@ -36,7 +36,7 @@ class OffloadPlugin(memwise.Plugin):
     def post_init(self) -> None:
         c, problems = self.config, []
         try:
-            surgery.layer_indices(c.layers, 10**6)
+            surgery.parse_layers(c.layers)
         except surgery.LayerSelectionError as err:
             problems.append(Problem("offload.layers", str(err)))
         if not 0.0 <= c.fraction <= 1.0:
