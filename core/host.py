@@ -38,6 +38,16 @@ if TYPE_CHECKING:
 ORDER_OPTIONS = ("tryfirst", "trylast", "hookwrapper", "wrapper")
 
 
+class _HookManager(pluggy.PluginManager):
+    """Looks only at ``memwise_*`` attributes for hook implementations: pluggy otherwise inspects every
+    attribute of every plugin, which made a planner that builds a host per candidate slow."""
+
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
+        if not name.startswith("memwise_"):
+            return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
 class PluginHost:
     """The plugins of one plan and every hook call on them, in plan order."""
 
@@ -47,7 +57,7 @@ class PluginHost:
         self._torn_down = False
         self.changes: dict[str, list[str]] = {}
         """Per plugin, the modules its surgery changed (after ``estimate(transform=True)`` or ``transform_model``)."""
-        self.pm = pluggy.PluginManager("memwise")
+        self.pm = _HookManager("memwise")
         self.pm.add_hookspecs(hookspecs)
         for p in self.plugins:
             self.pm.register(p, name=p.name)

@@ -32,6 +32,7 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from kvpress import ComposedPress, SnapKVPress, StreamingLLMPress, ThinKPress
@@ -94,6 +95,20 @@ def decided(text: str, key: str) -> bool:
     return match is not None and (match.end() < len(text) or not key.startswith(match.group(0)))
 
 
+def prefill_with_hook(model: LlamaForCausalLM, ids: list[int], hook: Any) -> Any:
+    """One SDPA prefill of ``ids`` with ``hook`` on every attention layer (kwargs included), as kvpress's
+    own press hook sits, so each press can compress a copy of the layer's keys and values."""
+    hooks = []
+    for layer in model.model.layers:
+        layer.self_attn.rotary_emb = model.model.rotary_emb
+        hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        return model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(config=model.config), use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def retrieval(args: argparse.Namespace) -> None:
     """Exact-match pass-key accuracy of each press on the prompts kvprune_retrieval.py saved."""
@@ -122,7 +137,6 @@ def retrieval(args: argparse.Namespace) -> None:
             caches[n].update(keys, values, module.layer_idx)
         return output
 
-    layers = model.model.layers
     hits: dict = {n: [] for n in names}
     answers: dict = {n: [] for n in names}
     nbytes: dict = {}
@@ -130,16 +144,7 @@ def retrieval(args: argparse.Namespace) -> None:
     for i, row in enumerate(rows):
         caches.clear()
         caches.update({n: DynamicCache(config=model.config) for n in names})
-        hooks = []
-        for layer in layers:
-            layer.self_attn.rotary_emb = model.model.rotary_emb
-            hooks.append(layer.self_attn.register_forward_hook(fan_out, with_kwargs=True))
-        try:
-            out = model(input_ids=torch.tensor([row["ids"]]), past_key_values=DynamicCache(config=model.config),
-                        use_cache=True)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        out = prefill_with_hook(model, row["ids"], fan_out)
         key, length = str(row["key"]), len(row["ids"])
         for n in names:
             cache = caches[n]
@@ -174,7 +179,8 @@ def retrieval(args: argparse.Namespace) -> None:
             "threads": torch.get_num_threads(), "seconds": round(time.time() - start, 1), "torch": torch.__version__,
             "transformers": transformers.__version__, "kvpress": getattr(kvpress, "__version__", "?"),
             "quick": args.quick}
-    subset = ("-quick" if args.quick else "") + (f"-every{args.every}" if args.every > 1 else "")
+    subset = (("-quick" if args.quick else "") + (f"-every{args.every}" if args.every > 1 else "")
+              + (f"-first{args.limit}" if args.limit else ""))
     out_path = Path(args.prompts) / f"kvpress-{args.length}{subset}.json"
     out_path.write_text(json.dumps({"prompts": len(rows), "tokens": len(rows[0]["ids"]), "rows": result,
                                     "meta": meta}, indent=1))
@@ -222,16 +228,7 @@ def dump(args: argparse.Namespace) -> None:
         found["pruned_channels"].append(zeroed.eq(0).all(dim=2)[0])
         return output
 
-    hooks = []
-    for layer in model.model.layers:
-        layer.self_attn.rotary_emb = model.model.rotary_emb
-        hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
-    try:
-        out = model(input_ids=torch.tensor([row["ids"]]), past_key_values=DynamicCache(config=model.config),
-                    use_cache=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    out = prefill_with_hook(model, row["ids"], hook)
     first = int(out.logits[0, -1].argmax())
     saved = {k: torch.stack(v) for k, v in found.items()}
     saved["first_token"] = torch.tensor(first)

@@ -352,9 +352,9 @@ def compare(model: LlamaForCausalLM, ids: list[int], theirs: dict) -> dict:
     return {"layers": layers, "decode": decode}
 
 
-def suffix(quick: bool, every: int) -> str:
+def suffix(quick: bool, every: int, limit: int | None = None) -> str:
     """The result files' name part for a subset of the prompts."""
-    return ("-quick" if quick else "") + (f"-every{every}" if every > 1 else "")
+    return ("-quick" if quick else "") + (f"-every{every}" if every > 1 else "") + (f"-first{limit}" if limit else "")
 
 
 def _pct(value: float | None) -> str:
@@ -465,7 +465,7 @@ def main() -> None:
                       "torch": torch.__version__, "quick": args.quick, "every": args.every}
     for r in result["rows"]:
         print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
-    name = f"memwise-{args.length}{suffix(args.quick, args.every)}.json"
+    name = f"memwise-{args.length}{suffix(args.quick, args.every, args.limit)}.json"
     (args.out / name).write_text(json.dumps(result, indent=1))
 
 

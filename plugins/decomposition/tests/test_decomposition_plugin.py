@@ -23,11 +23,12 @@ def corpus(n_docs: int = 120, seed: int = 0) -> Corpus:
     return Corpus(train=docs, val=docs[:4], tokenizer=ByteTokenizer())
 
 
-def context(tmp_path: Path, plugin: DecompositionPlugin, max_steps: int = 40, **work) -> memwise.RunContext:
+def context(tmp_path: Path, plugin: DecompositionPlugin, max_steps: int = 40, packing: str = "window",
+            **work) -> memwise.RunContext:
     trainer = SimpleNamespace(global_rank=0, world_size=1, max_steps=max_steps, is_global_zero=True)
     w = memwise.Workload(batch_size=work.get("batch_size", 4), seq_len=work.get("seq_len", 256))
     return memwise.RunContext(stage="fit", plugins=[plugin], corpus=corpus(), trainer=trainer, workload=w,
-                              report_dir=tmp_path, recipe={"data": {"packing": "window"}})
+                              report_dir=tmp_path, recipe={"data": {"packing": packing}})
 
 
 def test_entry_point_names_the_plugin() -> None:
@@ -55,8 +56,7 @@ def test_bad_settings_name_their_key(settings: dict, key: str) -> None:
 
 def test_validate_reports_workload_and_packing_problems(tmp_path: Path) -> None:
     p = DecompositionPlugin()
-    ctx = context(tmp_path, p, seq_len=300)
-    ctx.recipe = {"data": {"packing": "concat_chunk"}}
+    ctx = context(tmp_path, p, seq_len=300, packing="concat_chunk")
     keys = {prob.key for prob in p.memwise_validate(ctx=ctx)}
     assert keys == {"decomposition.max_len", "data.packing"}
     assert DecompositionPlugin().memwise_validate(ctx=context(tmp_path, p)) == []
