@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-import memwise
 from memwise import MemoryDelta, Problem, RecipeError, hookimpl, option
-from memwise_galore.subspace import adamw_subspace_problems, replace_adamw, subspace_state_delta
+from memwise_galore.subspace import SubspaceAdamWPlugin, replace_adamw, subspace_state_delta
 
 
-class FrugalPlugin(memwise.Plugin):
+class FrugalPlugin(SubspaceAdamWPlugin):
     """FRUGAL: Adam on a state-full subspace of each linear weight's gradient, signSGD on the rest."""
 
     name = "frugal"
@@ -40,20 +39,10 @@ class FrugalPlugin(memwise.Plugin):
         if problems:
             raise RecipeError(problems)
 
-    def transforms_model(self) -> bool:
-        return False
-
-    def provides(self) -> set[str]:
-        return {"optimizer.states"}
-
     def options(self) -> dict[str, Any]:
         c = self.config
         return dict(density=c.density, update_gap=c.update_gap, selection=c.selection, state_free=c.state_free,
                     free_lr_ratio=c.free_lr_ratio)
-
-    @hookimpl
-    def memwise_validate(self, ctx: Any) -> list:
-        return adamw_subspace_problems(self.name, ctx, self.config.include, self.config.exclude)
 
     @hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-import memwise
 from memwise import MemoryDelta, Problem, RecipeError, hookimpl, option
-from memwise_galore.subspace import adamw_subspace_problems, replace_adamw, subspace_state_delta
+from memwise_galore.subspace import SubspaceAdamWPlugin, replace_adamw, subspace_state_delta
 
 
-class GaLorePlugin(memwise.Plugin):
+class GaLorePlugin(SubspaceAdamWPlugin):
     """GaLore / Natural GaLore: Adam moments of low-rank projected gradients for linear weights."""
 
     name = "galore"
@@ -43,20 +42,10 @@ class GaLorePlugin(memwise.Plugin):
         if problems:
             raise RecipeError(problems)
 
-    def transforms_model(self) -> bool:
-        return False
-
-    def provides(self) -> set[str]:
-        return {"optimizer.states"}
-
     def options(self) -> dict[str, Any]:
         c = self.config
         return dict(rank=c.rank, update_proj_gap=c.update_proj_gap, scale=c.scale, proj_type=c.proj_type,
                     proj_method=c.proj_method, natural=c.natural, history=c.history, damping=c.damping)
-
-    @hookimpl
-    def memwise_validate(self, ctx: Any) -> list:
-        return adamw_subspace_problems(self.name, ctx, self.config.include, self.config.exclude)
 
     @hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:

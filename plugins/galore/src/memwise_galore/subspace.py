@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from memwise import MemoryDelta, Problem, surgery
+import memwise
+from memwise import MemoryDelta, Problem, hookimpl, surgery
 
 
 def projected_parameters(model: Any, include: Optional[list[str]], exclude: list[str]) -> list:
@@ -54,3 +55,18 @@ def replace_adamw(plugin: str, ctx: Any, cls: type, include: Optional[list[str]]
         raise TypeError(f"{plugin} replaces torch.optim.AdamW, got {type(ctx.optimizer).__name__}")
     chosen = projected_parameters(ctx.model, include, exclude)
     ctx.optimizer = cls.from_torch(ctx.optimizer, **{params_key: chosen}, **options)
+
+
+class SubspaceAdamWPlugin(memwise.Plugin):
+    """What the GaLore and FRUGAL plugins share: they replace the recipe's AdamW (no model surgery),
+    provide the optimizer states, and need AdamW and at least one selected linear weight."""
+
+    def transforms_model(self) -> bool:
+        return False
+
+    def provides(self) -> set[str]:
+        return {"optimizer.states"}
+
+    @hookimpl
+    def memwise_validate(self, ctx: Any) -> list:
+        return adamw_subspace_problems(self.name, ctx, self.config.include, self.config.exclude)
