@@ -170,8 +170,8 @@ def retrieval(args: argparse.Namespace) -> None:
             by[kind] = round(100 * sum(sel) / len(sel), 1) if sel else None
         result.append({"setting": n, "presses": [repr(p) for p in presses[n]],
                        "accuracy": round(100 * sum(hits[n]) / len(rows), 1), **by,
-                       "bytes_bf16_last": nbytes[n], "examples": answers[n][:3]})
-        print(json.dumps({k: v for k, v in result[-1].items() if k != "examples"}), flush=True)
+                       "bytes_bf16_last": nbytes[n], "examples": answers[n][:3], "hits": [int(h) for h in hits[n]]})
+        print(json.dumps({k: v for k, v in result[-1].items() if k not in ("examples", "hits")}), flush=True)
     import kvpress
     import transformers
 
@@ -181,7 +181,7 @@ def retrieval(args: argparse.Namespace) -> None:
             "quick": args.quick}
     subset = (("-quick" if args.quick else "") + (f"-every{args.every}" if args.every > 1 else "")
               + (f"-first{args.limit}" if args.limit else ""))
-    out_path = Path(args.prompts) / f"kvpress-{args.length}{subset}.json"
+    out_path = Path(args.prompts) / f"kvpress-{args.length}{subset}{args.tag}.json"
     out_path.write_text(json.dumps({"prompts": len(rows), "tokens": len(rows[0]["ids"]), "rows": result,
                                     "meta": meta}, indent=1))
 
@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="retrieval: first N prompts only")
     parser.add_argument("--every", type=int, default=1, help="retrieval: every N-th prompt (as kvprune_retrieval.py)")
     parser.add_argument("--new", type=int, default=16, help="retrieval: most tokens decoded per answer")
+    parser.add_argument("--tag", default="", help="retrieval: appended to the result file's name")
     parser.add_argument("--index", type=int, default=0, help="dump: the prompt whose kept tokens are saved")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()

@@ -185,7 +185,8 @@ class FanOutCache(Cache):
 
 
 def setting(name: str) -> dict:
-    """``full``, ``think0.5``, ``snapkv0.3`` (budget kept), ``streaming0.5``, ``fp8``, joined with ``+``."""
+    """``full``, ``think0.5``, ``snapkv0.3`` (budget kept), ``streaming0.5``, ``fp8``, joined with ``+``;
+    ``think0.5w0`` sets ThinK's full-width window, ``snapkv0.5s0`` the eviction's sinks."""
     spec: dict = {}
     for part in name.split("+"):
         if part == "full":
@@ -193,12 +194,15 @@ def setting(name: str) -> dict:
         if part == "fp8":
             spec["fp8"] = FP8("e4m3")
             continue
-        match = re.fullmatch(r"(think|snapkv|streaming)([0-9.]+)", part)
+        match = re.fullmatch(r"(think|snapkv|streaming)([0-9.]*[0-9])(?:w(\d+))?(?:s(\d+))?", part)
         if match is None:
-            raise SystemExit(f"unknown setting part {part!r} in {name!r}: use full, fp8, thinkR, snapkvB, streamingB")
-        kind, value = match.group(1), float(match.group(2))
-        spec["think" if kind == "think" else "eviction"] = (
-            ThinK(value) if kind == "think" else Eviction(kind, value))
+            raise SystemExit(f"unknown setting part {part!r} in {name!r}: use full, fp8, thinkR[wN], snapkvB[sN], "
+                             "streamingB[sN]")
+        kind, value, window, sinks = match.groups()
+        if kind == "think":
+            spec["think"] = ThinK(float(value), **({"window": int(window)} if window else {}))
+        else:
+            spec["eviction"] = Eviction(kind, float(value), **({"sinks": int(sinks)} if sinks else {}))
     return spec
 
 
@@ -258,7 +262,7 @@ def evaluate(model: LlamaForCausalLM, tok: Any, data: dict, names: list[str], ne
             by[kind] = round(100 * sum(sel) / len(sel), 1) if sel else None
         result.append({"setting": n, "accuracy": round(100 * sum(hits[n]) / len(rows), 1), **by,
                        "bytes_bf16": nbytes, "x_fewer": round(dense_bytes / nbytes, 2),
-                       "examples": answers[n][:3]})
+                       "examples": answers[n][:3], "hits": [int(h) for h in hits[n]]})
     return {"prompts": len(rows), "tokens": length, "rows": result}
 
 
@@ -402,6 +406,7 @@ def main() -> None:
     e.add_argument("--every", type=int, default=1, help="every N-th prompt (3: 34 prompts over both fillers and "
                    "all depths)")
     e.add_argument("--new", type=int, default=16, help="most tokens decoded per answer")
+    e.add_argument("--tag", default="", help="appended to the result file's name (runs of other settings)")
     t = sub.add_parser("timing", help="decode tokens/s of each setting against the full cache, interleaved")
     t.add_argument("--length", type=int, default=1024)
     t.add_argument("--settings", nargs="+", default=["full", "fp8", "think0.5", "snapkv0.3", "think0.5+snapkv0.3+fp8"])
@@ -464,8 +469,8 @@ def main() -> None:
                       "threads": torch.get_num_threads(), "seconds": round(time.time() - start, 1),
                       "torch": torch.__version__, "quick": args.quick, "every": args.every}
     for r in result["rows"]:
-        print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
-    name = f"memwise-{args.length}{suffix(args.quick, args.every, args.limit)}.json"
+        print(json.dumps({k: v for k, v in r.items() if k not in ("examples", "hits")}))
+    name = f"memwise-{args.length}{suffix(args.quick, args.every, args.limit)}{args.tag}.json"
     (args.out / name).write_text(json.dumps(result, indent=1))
 
 

@@ -40,40 +40,42 @@ def pruned_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, val
 
 def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor | None,
            scaling: float) -> torch.Tensor:
-    """Exact attention over what the layer keeps: [B, S, Hq, D]."""
+    """Exact attention over what the layer keeps: [B, S, Hq, D].
+
+    The query heads of a group and their positions form one [G * S] row block per KV head, so
+    each product is a single batched matmul (decoding calls this once per layer per token).
+    """
     b, hq, s, d = query.shape
     h = layer.window_k.shape[1]
-    q = query.reshape(b, h, hq // h, s, d)
+    g = hq // h
+    q = query.reshape(b, h, g * s, d)
     if layer.channels is not None:
-        index = layer.channels.long()[:, :, None, None, :].expand(-1, -1, hq // h, s, -1)
-        q_kept = q.gather(-1, index)
+        q_kept = q.gather(-1, layer.channels.long()[:, :, None, :].expand(-1, -1, g * s, -1))
     else:
         q_kept = q
     if isinstance(layer.pruned_k, FP8Rows):  # q . (rows * s_t) = (q . rows) * s_t: scale the scores, not the keys
         rows, k_scale = layer.pruned_k.widen(query.dtype)
-        pruned = torch.einsum("bhgsc,bhtc->bhgst", q_kept, rows).float() * (k_scale * scaling)[:, :, None, None, :]
+        scores = (q_kept @ rows.transpose(-1, -2)).float().mul_((k_scale * scaling)[:, :, None, :])
     else:
-        pruned = torch.einsum("bhgsc,bhtc->bhgst", q_kept, layer.pruned_k).float() * scaling
+        scores = (q_kept @ layer.pruned_k.transpose(-1, -2)).float().mul_(scaling)
     if layer.window_k.shape[-2]:  # ThinK's full-width window (empty without channel pruning)
-        window = torch.einsum("bhgsd,bhtd->bhgst", q, layer.window_k).float() * scaling
-        scores = torch.cat([pruned, window], dim=-1)
-    else:
-        scores = pruned
-    stored = scores.shape[-1]
-    visible = visible_mask(attention_mask, b, s, layer.seen, layer.seen, query.device)  # [B, 1, S, seen]
-    if layer.positions is None:
-        visible = visible[..., :stored]
-    else:
-        pos = layer.positions.long()[:, :, None, :].expand(-1, -1, s, -1)
-        visible = visible.expand(-1, h, -1, -1).gather(-1, pos)
-    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+        window = (q @ layer.window_k.transpose(-1, -2)).float().mul_(scaling)
+        scores = torch.cat([scores, window], dim=-1)
+    if attention_mask is not None or s > 1:  # one query and no padding mask: every stored token is visible
+        visible = visible_mask(attention_mask, b, s, layer.seen, layer.seen, query.device)  # [B, 1, S, seen]
+        if layer.positions is None:
+            visible = visible[..., :scores.shape[-1]]
+        else:
+            pos = layer.positions.long()[:, :, None, :].expand(-1, -1, s, -1)
+            visible = visible.expand(-1, h, -1, -1).gather(-1, pos)
+        scores = scores.view(b, h, g, s, -1).masked_fill(~visible[:, :, None], float("-inf")).view(b, h, g * s, -1)
     probs = scores.softmax(dim=-1)
     if isinstance(layer.vals, FP8Rows):
         rows, v_scale = layer.vals.widen(layer.dtype)
-        out = torch.einsum("bhgst,bhtd->bhgsd", (probs * v_scale[:, :, None, None, :]).to(layer.dtype), rows)
+        out = probs.mul_(v_scale[:, :, None, :]).to(layer.dtype) @ rows
     else:
-        out = torch.einsum("bhgst,bhtd->bhgsd", probs.to(layer.dtype), layer.vals)
-    return out.reshape(b, hq, s, d).transpose(1, 2).contiguous()
+        out = probs.to(layer.dtype) @ layer.vals
+    return out.view(b, hq, s, d).transpose(1, 2).contiguous()
 
 
 def install(model: torch.nn.Module) -> Callable[[], None]:
