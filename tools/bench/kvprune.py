@@ -111,9 +111,9 @@ def settings_grid(window: int) -> list[tuple[str, dict]]:
     grid += [("snapkv", {"eviction": snap(b)}) for b in (0.75, 0.5, 0.3, 0.2)]
     grid += [("streaming", {"eviction": Eviction("streaming", b, sinks=4)}) for b in (0.75, 0.5)]
     grid += [("think+snapkv", {"think": think(0.5), "eviction": snap(b)}) for b in (0.75, 0.5)]
-    grid += [("think+snapkv+fp8", {"think": think(r), "eviction": snap(b), "fp8": FP8()})
+    grid += [("think+snapkv+fp8", {"think": think(r), "eviction": snap(b), "quant": FP8()})
              for r, b in ((0.5, 1.0), (0.5, 0.5), (0.5, 0.4), (0.5, 0.3), (0.5, 0.2), (0.25, 0.3), (0.75, 0.5))]
-    grid += [("fp8", {"fp8": FP8()})]
+    grid += [("fp8", {"quant": FP8()})]
     return grid
 
 
@@ -141,7 +141,7 @@ def curves(model: LlamaForCausalLM, ids: torch.Tensor, prompt: int, answer: torc
         kl = (base.exp() * (base - logp)).sum(-1).mean().item()
         agree = (logp.argmax(-1) == base.argmax(-1)).float().mean().item()
         short = {"think": "r={ratio} w={window} fold={fold_every}", "eviction": "{policy} budget={budget}",
-                 "fp8": "{format}"}
+                 "quant": "{format}"}
         desc = "; ".join(short[k].format(**vars(v)) for k, v in settings.items())
         rows.append({"method": name, "settings": desc, "bytes": cache.nbytes(),
                      "fraction": round(cache.nbytes() / base_bytes, 4), "recall": score(logp),
@@ -179,7 +179,7 @@ def timing(args: argparse.Namespace) -> list[dict]:
     think = ThinK(0.5, window=args.window, observe=args.window, fold_every=args.window)
     grid = [("DynamicCache", None), ("think 0.5", {"think": think}),
             ("think 0.5 + snapkv 0.3 + fp8", {"think": think, "eviction": Eviction("snapkv", 0.3, observe=args.window),
-                                              "fp8": FP8()})]
+                                              "quant": FP8()})]
     times: dict[str, list[float]] = {name: [] for name, _ in grid}
     for rep in range(8):
         for name, settings in grid:

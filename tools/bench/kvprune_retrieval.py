@@ -38,7 +38,7 @@ import torch
 from transformers import AutoTokenizer, DynamicCache, LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from memwise_kvprune import FP8, Eviction, ThinK, make_cache, predict_nbytes
+from memwise_kvprune import FP8, Eviction, Int4, ThinK, make_cache, predict_nbytes
 from memwise_kvprune.attention import pruned_attention
 from memwise.attention import register_attention, set_attention_implementation
 from memwise_kvprune.compat import cache_kwarg, sdpa_forward
@@ -185,34 +185,43 @@ class FanOutCache(Cache):
 
 
 def setting(name: str) -> dict:
-    """``full``, ``think0.5``, ``snapkv0.3`` (budget kept), ``streaming0.5``, ``fp8``, joined with ``+``;
-    ``think0.5w0`` sets ThinK's full-width window, ``snapkv0.5s0`` the eviction's sinks."""
+    """``full``, ``think0.5``, ``snapkv0.3`` (budget kept), ``streaming0.5``, ``fp8``, ``int4[gN]``, joined with ``+``;
+    suffixes set options: ``think0.5w0`` ThinK's full-width window, ``snapkv0.5s0k15o64`` the eviction's
+    sinks, pooling kernel and observation window."""
     spec: dict = {}
     for part in name.split("+"):
         if part == "full":
             continue
         if part == "fp8":
-            spec["fp8"] = FP8("e4m3")
+            spec["quant"] = FP8("e4m3")
             continue
-        match = re.fullmatch(r"(think|snapkv|streaming)([0-9.]*[0-9])(?:w(\d+))?(?:s(\d+))?", part)
+        if re.fullmatch(r"int4(g\d+)?", part):
+            spec["quant"] = Int4(int(part[5:])) if len(part) > 4 else Int4()
+            continue
+        match = re.fullmatch(r"(think|snapkv|streaming)([0-9.]*[0-9])((?:[wsko]\d+)*)", part)
         if match is None:
-            raise SystemExit(f"unknown setting part {part!r} in {name!r}: use full, fp8, thinkR[wN], snapkvB[sN], "
-                             "streamingB[sN]")
-        kind, value, window, sinks = match.groups()
-        if kind == "think":
-            spec["think"] = ThinK(float(value), **({"window": int(window)} if window else {}))
-        else:
-            spec["eviction"] = Eviction(kind, float(value), **({"sinks": int(sinks)} if sinks else {}))
+            raise SystemExit(f"unknown setting part {part!r} in {name!r}: use full, fp8, int4[gN], thinkR[wN], "
+                             "snapkvB[sN][kN][oN], streamingB[sN]")
+        kind, value, extra = match.groups()
+        options = {OPTION_LETTERS[k]: int(v) for k, v in re.findall(r"([wsko])(\d+)", extra)}
+        try:
+            if kind == "think":
+                spec["think"] = ThinK(float(value), **options)
+            else:
+                spec["eviction"] = Eviction(kind, float(value), **options)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"setting part {part!r}: {err}") from err
     return spec
 
 
+OPTION_LETTERS = {"w": "window", "s": "sinks", "k": "kernel", "o": "observe"}
 DEFAULT_SETTINGS = ["full", "fp8", "think0.5", "snapkv0.5", "snapkv0.3", "streaming0.5", "think0.5+snapkv0.5+fp8",
                     "think0.5+snapkv0.3+fp8"]
 
 
 def bf16_bytes(cfg: Any, spec: dict, prompt: int, decoded: int) -> int:
     return predict_nbytes(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, prompt, decoded,
-                          spec.get("think"), spec.get("eviction"), spec.get("fp8"), dtype_bytes=2)
+                          spec.get("think"), spec.get("eviction"), spec.get("quant"), dtype_bytes=2)
 
 
 @torch.no_grad()
@@ -377,10 +386,11 @@ def table(out: Path, length: int, subset: str = "") -> str:
              "| setting | bytes (MB) | x fewer | memwise | vs full | kvpress, same press |",
              "|---|---|---|---|---|---|"]
     for r in ours["rows"]:
-        t = theirs.get(r["setting"].replace("+fp8", ""))
+        press = re.sub(r"\+(fp8|int4(g\d+)?)$", "", r["setting"])
+        t = theirs.get(press)
         kv = f"{t['accuracy']:.0f} ({_pct(t['prose'])} / {_pct(t['code'])})" if t else "-"
-        if t and r["setting"].endswith("+fp8"):
-            kv += " (no FP8)"
+        if t and press != r["setting"]:
+            kv += " (not quantized)"
         lines.append(f"| {r['setting']} | {r['bytes_bf16'] / 1e6:.2f} | {r['x_fewer']:.2f}x | {r['accuracy']:.0f} "
                      f"({_pct(r['prose'])} / {_pct(r['code'])}) | {r['accuracy'] - full['accuracy']:+.0f} | {kv} |")
     return "\n".join(lines)

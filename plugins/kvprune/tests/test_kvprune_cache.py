@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kvprune_helpers import dynamic_cache, dynamic_nbytes, generate, greedy_loop, prompts, tiny_llama  # noqa: E402
 
 from memwise_kvprune.compat import cache_kwarg  # noqa: E402
-from memwise_kvprune import FP8, Eviction, ThinK, make_cache, predict_nbytes, pruned_generation  # noqa: E402
+from memwise_kvprune import FP8, Eviction, Int4, ThinK, make_cache, predict_nbytes, pruned_generation  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -64,7 +64,7 @@ def test_compact_keys_equal_zeroing_reference(model, ratio):
 def test_custom_loop_equals_generate_with_every_option(model):
     ids, mask = prompts()
     settings = dict(think=ThinK(0.5, window=8, fold_every=4), eviction=Eviction("snapkv", 0.6, observe=8),
-                    fp8=FP8())
+                    quant=FP8())
     with pruned_generation(model, **settings) as cache:
         want = generate(model, ids, mask, cache)
     with pruned_generation(model, **settings) as cache:
@@ -76,17 +76,18 @@ _THINK, _FOLD = ThinK(0.5, window=8), ThinK(0.25, window=8, fold_every=3)
 _STREAM, _SNAP = Eviction("streaming", 0.5, sinks=2), Eviction("snapkv", 0.4, observe=8)
 
 
-@pytest.mark.parametrize("think,eviction,fp8", [
+@pytest.mark.parametrize("think,eviction,quant", [
     (None, None, None), (_THINK, None, None), (_FOLD, None, FP8()), (None, _SNAP, FP8()),
-    (_THINK, _SNAP, None), (_FOLD, _STREAM, FP8()),
+    (_THINK, _SNAP, None), (_FOLD, _STREAM, FP8()), (None, None, Int4()), (_THINK, _SNAP, Int4(8)),
+    (ThinK(0.2, window=8), _STREAM, Int4(4)),  # 13 kept channels: an odd row, one scale for it
 ])
-def test_nbytes_closed_form(model, think, eviction, fp8):
+def test_nbytes_closed_form(model, think, eviction, quant):
     ids, mask = prompts()
-    with pruned_generation(model, think=think, eviction=eviction, fp8=fp8) as cache:
+    with pruned_generation(model, think=think, eviction=eviction, quant=quant) as cache:
         generate(model, ids, mask, cache, new=6)
     seen = cache.layers[0].seen
     assert seen == ids.shape[1] + 5  # the last generated token is never fed back
-    want = predict_nbytes(2, 2, 2, 16, ids.shape[1], 5, think, eviction, fp8, dtype_bytes=4)
+    want = predict_nbytes(2, 2, 2, 16, ids.shape[1], 5, think, eviction, quant, dtype_bytes=4)
     assert cache.nbytes() == want
 
 
@@ -124,10 +125,11 @@ def test_think_bound_at_long_prompt():
     assert bound - 0.01 <= saving <= bound
 
 
-def test_left_padding_row_matches_the_row_alone(model):
-    """ThinK and FP8 see only real tokens: a padded row decodes as if it were alone."""
+@pytest.mark.parametrize("quant", [FP8(), Int4(8)], ids=["fp8", "int4"])
+def test_left_padding_row_matches_the_row_alone(model, quant):
+    """ThinK and quantization see only real tokens: a padded row decodes as if it were alone."""
     ids, mask = prompts(pad=7)
-    settings = dict(think=ThinK(0.5, window=8), fp8=FP8())
+    settings = dict(think=ThinK(0.5, window=8), quant=quant)
     with pruned_generation(model, **settings) as cache:
         batched, batched_logits = greedy_loop(model, ids, mask, cache)
     alone_ids, alone_mask = ids[1:, 7:], mask[1:, 7:]

@@ -49,7 +49,7 @@ def test_wrap_generation_installs_cache_and_teardown_restores_model():
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
     ctx = memwise.RunContext(stage="generate", model=model)
-    plugin = KVPrunePlugin(think_ratio=0.5, think_window=8, eviction="streaming", budget=0.5, fp8="e4m3")
+    plugin = KVPrunePlugin(think_ratio=0.5, think_window=8, eviction="streaming", budget=0.5, quant="e4m3")
     plugin.memwise_wrap_generation(ctx=ctx)
     cache = ctx.generate_kwargs[cache_kwarg("generate")]
     assert isinstance(cache, PrunedCache)
@@ -165,6 +165,47 @@ def test_fp8_widen_times_scale_is_decode_for_every_byte(fmt):
         assert wide.dtype == out_dtype
         assert torch.equal(wide.float() * (s / scale.float().squeeze(-1))[..., None], payload.float())
         torch.testing.assert_close(wide.float() * s[..., None], rows.decode(torch.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width,group", [(64, 32), (32, 32), (13, 4), (8, 8)])
+def test_int4_rows_round_to_the_nearest_code_and_widen_to_decode(width, group):
+    """Codes are round(x / s) with s = bf16-ceil(max|x| / 7) per token and group; ``widen`` gives the same rows
+    folded (one group) or applied (several), odd rows included; appending keeps every token's codes."""
+    from memwise_kvprune.int4store import Int4Rows
+    from memwise_kvprune.specs import Int4, groups_of
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, width) * torch.logspace(-3, 2, 10)[:, None]
+    rows = Int4Rows.encode(x, group)
+    g = groups_of(width, group)
+    xg = x.reshape(2, 3, 10, g, -1)
+    exact = xg.abs().amax(-1, keepdim=True) / 7
+    scale = exact.to(torch.bfloat16).float()
+    scale = torch.where(scale < exact, torch.nextafter(scale.to(torch.bfloat16), torch.tensor(float("inf"),
+                        dtype=torch.bfloat16)).float(), scale)
+    want = ((xg / scale).round() * scale).reshape(x.shape)
+    torch.testing.assert_close(rows.decode(torch.float32), want, rtol=0, atol=0)
+    assert ((rows.decode(torch.float32) - x).abs() <= scale.reshape(2, 3, 10, g, 1).expand_as(xg).reshape(x.shape)
+            / 2 + 1e-12).all()
+    assert rows.nbytes() == 2 * 3 * 10 * Int4(group).row_bytes(width)
+    wide, s = rows.widen(torch.float32)
+    assert (s is None) == (g > 1)
+    torch.testing.assert_close(wide if s is None else wide * s[..., None], want, rtol=0, atol=0)
+    both = rows.cat(Int4Rows.encode(x[:, :, :3], group))
+    torch.testing.assert_close(both.decode(torch.float32), torch.cat([want, want[:, :, :3]], dim=-2), rtol=0, atol=0)
+
+
+def test_quant_settings_resolve_and_refuse_nonsense():
+    from memwise_kvprune.api import _quant
+    from memwise_kvprune.specs import FP8, Int4
+
+    assert _quant(True) == FP8("e4m3") and _quant("e5m2") == FP8("e5m2") and _quant("int4") == Int4(32)
+    assert _quant(None) is None and _quant(False) is None
+    with pytest.raises(ValueError, match="quant must be"):
+        _quant("int3")
+    assert KVPrunePlugin(quant="int4", quant_group=16).cache_settings()["quant"] == Int4(16)
+    with pytest.raises(memwise.RecipeError, match="quant_group"):
+        KVPrunePlugin(quant="e4m3", quant_group=16)
 
 
 def test_validate_warns_outside_the_measured_safe_range():

@@ -54,7 +54,7 @@ def test_snapkv_on_a_prompt_within_the_window_keeps_the_full_cache_answer(real):
     ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
     assert ids.shape[1] < 32
     full = greedy(model, ids, 8)
-    assert greedy(model, ids, 8, think=ThinK(0.5), eviction=Eviction("snapkv", 0.6), fp8=True) == full
+    assert greedy(model, ids, 8, think=ThinK(0.5), eviction=Eviction("snapkv", 0.6), quant=True) == full
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def pass_key(real):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", [dict(think=0.5), dict(eviction=Eviction("snapkv", 0.5)), dict(fp8=True)],
+@pytest.mark.parametrize("settings", [dict(think=0.5), dict(eviction=Eviction("snapkv", 0.5)), dict(quant=True)],
                          ids=["think0.5", "snapkv0.5", "fp8"])
 def test_pass_key_survives_pruning_on_a_chat_prompt(real, pass_key, settings):
     """The settings measured to keep retrieval on this model answer the pass key like the full cache."""

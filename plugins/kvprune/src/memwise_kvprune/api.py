@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from memwise_kvprune.specs import FP8, Eviction, ThinK
+from memwise_kvprune.specs import FP8, Eviction, Int4, Quant, ThinK
 
 
 def _spec(value: Any, cls: type, field: str) -> Any:
@@ -26,12 +26,28 @@ def _spec(value: Any, cls: type, field: str) -> Any:
     return cls(**{field: float(value)})
 
 
-def make_cache(model: torch.nn.Module, think: Any = None, eviction: Any = None, fp8: Any = None,
+def _quant(value: Any) -> Quant | None:
+    """None/False -> None; True -> FP8 e4m3; "e4m3"/"e5m2" -> FP8; "int4" -> Int4; a spec as is."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return FP8()
+    if isinstance(value, (FP8, Int4)):
+        return value
+    if value == "int4":
+        return Int4()
+    if value in ("e4m3", "e5m2"):
+        return FP8(value)
+    raise ValueError(f"quant must be True, 'e4m3', 'e5m2', 'int4', FP8(...) or Int4(...), got {value!r}")
+
+
+def make_cache(model: torch.nn.Module, think: Any = None, eviction: Any = None, quant: Any = None,
                install: bool = True) -> Any:
     """A fresh pruned cache for one ``generate`` call (or a hand-written decoding loop).
 
     ``think``: a ratio, a dict or :class:`ThinK`; ``eviction``: a policy name, a dict or
-    :class:`Eviction`; ``fp8``: True, a format name or :class:`FP8`. With ``install`` the
+    :class:`Eviction`; ``quant``: True (FP8 e4m3), "e4m3", "e5m2", "int4", :class:`FP8` or
+    :class:`Int4`. With ``install`` the
     model is switched to the pruned attention (SDPA for everything else); undo it with
     :func:`uninstall` or use :func:`pruned_generation`.
     """
@@ -43,7 +59,7 @@ def make_cache(model: torch.nn.Module, think: Any = None, eviction: Any = None, 
         install_attention(model)
     layers = text_config(model).num_hidden_layers
     return PrunedCache(layers, _spec(think, ThinK, "ratio"), _spec(eviction, Eviction, "policy"),
-                       _spec(fp8, FP8, "format"))
+                       _quant(quant))
 
 
 def uninstall(model: torch.nn.Module, implementation: str = "sdpa") -> None:

@@ -15,8 +15,8 @@ import torch
 
 from memwise.attention import attention_implementation, register_attention, set_attention_implementation
 from memwise_kvprune import compat
-from memwise_kvprune.fp8store import FP8Rows
 from memwise_kvprune.layer import PrunedLayer, PrunedView, visible_mask
+from memwise_kvprune.rows import QuantRows
 
 NAME = "memwise_kvprune"
 
@@ -53,9 +53,10 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
         q_kept = q.gather(-1, layer.channels.long()[:, :, None, :].expand(-1, -1, g * s, -1))
     else:
         q_kept = q
-    if isinstance(layer.pruned_k, FP8Rows):  # q . (rows * s_t) = (q . rows) * s_t: scale the scores, not the keys
+    if isinstance(layer.pruned_k, QuantRows):  # q . (rows * s_t) = (q . rows) * s_t: scale the scores, not the keys
         rows, k_scale = layer.pruned_k.widen(query.dtype)
-        scores = (q_kept @ rows.transpose(-1, -2)).float().mul_((k_scale * scaling)[:, :, None, :])
+        scores = (q_kept @ rows.transpose(-1, -2)).float()
+        scores.mul_(scaling if k_scale is None else (k_scale * scaling)[:, :, None, :])
     else:
         scores = (q_kept @ layer.pruned_k.transpose(-1, -2)).float().mul_(scaling)
     if layer.window_k.shape[-2]:  # ThinK's full-width window (empty without channel pruning)
@@ -70,9 +71,9 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
             visible = visible.expand(-1, h, -1, -1).gather(-1, pos)
         scores = scores.view(b, h, g, s, -1).masked_fill(~visible[:, :, None], float("-inf")).view(b, h, g * s, -1)
     probs = scores.softmax(dim=-1)
-    if isinstance(layer.vals, FP8Rows):
+    if isinstance(layer.vals, QuantRows):
         rows, v_scale = layer.vals.widen(layer.dtype)
-        out = probs.mul_(v_scale[:, :, None, :]).to(layer.dtype) @ rows
+        out = (probs if v_scale is None else probs.mul_(v_scale[:, :, None, :])).to(layer.dtype) @ rows
     else:
         out = probs.to(layer.dtype) @ layer.vals
     return out.view(b, hq, s, d).transpose(1, 2).contiguous()

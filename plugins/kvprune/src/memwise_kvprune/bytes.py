@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from memwise_kvprune.specs import FP8, Eviction, ThinK
+from memwise_kvprune.specs import Eviction, Quant, ThinK
 
 
 def kept_prompt_tokens(prompt: int, eviction: Eviction | None) -> int:
@@ -23,7 +23,7 @@ def kept_prompt_tokens(prompt: int, eviction: Eviction | None) -> int:
 
 
 def predict_nbytes(layers: int, batch: int, kv_heads: int, head_dim: int, prompt: int, decoded: int,
-                   think: ThinK | None = None, eviction: Eviction | None = None, fp8: FP8 | None = None,
+                   think: ThinK | None = None, eviction: Eviction | None = None, quant: Quant | None = None,
                    dtype_bytes: int = 2) -> int:
     """Bytes after prefilling ``prompt`` tokens and feeding ``decoded`` more, one at a time."""
     stored = kept_prompt_tokens(prompt, eviction)
@@ -35,14 +35,16 @@ def predict_nbytes(layers: int, batch: int, kv_heads: int, head_dim: int, prompt
         window = w0 + decoded
         if think.fold_every and window >= think.window + think.fold_every:
             window = think.window + (window - think.window) % think.fold_every
-    else:  # one key store (FP8 if asked), no full-width window
+    else:  # one key store (quantized if asked), no full-width window
         kept_dim, window = head_dim, 0
     pruned = tokens - window
-    payload = 1 if fp8 else dtype_bytes
-    scale = 2 if fp8 else 0  # one bf16 scale per token row
-    per_head = (pruned * (kept_dim * payload + scale)  # compact keys
+
+    def row(width: int) -> int:
+        return quant.row_bytes(width) if quant else width * dtype_bytes
+
+    per_head = (pruned * row(kept_dim)  # compact keys
                 + window * head_dim * dtype_bytes  # full-width recent keys
-                + tokens * (head_dim * payload + scale))  # values
+                + tokens * row(head_dim))  # values
     if pruning:
         per_head += kept_dim * (1 if head_dim <= 256 else 2)  # channel indices
     if stored < prompt:

@@ -7,19 +7,19 @@ from typing import Any
 from transformers.cache_utils import Cache
 
 from memwise_kvprune.layer import PrunedLayer
-from memwise_kvprune.specs import FP8, Eviction, ThinK
+from memwise_kvprune.specs import Eviction, Quant, ThinK
 
 
 class PrunedCache(Cache):
-    """One :class:`PrunedLayer` per decoder layer. Order: eviction, then ThinK, then FP8."""
+    """One :class:`PrunedLayer` per decoder layer. Order: eviction, then ThinK, then quantization."""
 
     def __init__(self, num_layers: int, think: ThinK | None = None, eviction: Eviction | None = None,
-                 fp8: FP8 | None = None) -> None:
-        super().__init__(layers=[PrunedLayer(think, eviction, fp8) for _ in range(num_layers)])
-        self.think, self.eviction, self.fp8 = think, eviction, fp8
+                 quant: Quant | None = None) -> None:
+        super().__init__(layers=[PrunedLayer(think, eviction, quant) for _ in range(num_layers)])
+        self.think, self.eviction, self.quant = think, eviction, quant
 
     def nbytes(self) -> int:
-        """Bytes held: payload + FP8 scales + channel indices + token positions, every layer."""
+        """Bytes held: payload + scales + channel indices + token positions, every layer."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def dense_nbytes(self, dtype_bytes: int | None = None) -> int:
@@ -37,10 +37,10 @@ class PrunedCache(Cache):
         dense = self.dense_nbytes()
         first = self.layers[0]
         return {
-            "order": "eviction -> think -> fp8",
+            "order": "eviction -> think -> quant",
             "think": None if self.think is None else vars(self.think),
             "eviction": None if self.eviction is None else vars(self.eviction),
-            "fp8": None if self.fp8 is None else vars(self.fp8),
+            "quant": None if self.quant is None else {"kind": type(self.quant).__name__, **vars(self.quant)},
             "prompt_tokens": first.prompt_length,
             "tokens_seen": first.seen,
             "tokens_stored": first.stored_tokens() if first.compressed else 0,

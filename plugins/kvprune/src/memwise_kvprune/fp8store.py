@@ -1,4 +1,4 @@
-"""FP8 rows with one bf16 scale per token: appendable, since a new token never rescales the past.
+"""FP8 rows with one bf16 scale per token.
 
 The scale is rounded up to bf16 (same range as fp32, half the bytes), so scaled rows never
 exceed the format's maximum and the stored scale is exactly the one used to encode.
@@ -11,23 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from memwise.kernels.fp8 import fp8_format, quantize
+from memwise_kvprune.rows import BF16_TINY, QuantRows, bf16_ceil
 
-
-_BF16_TINY = torch.finfo(torch.bfloat16).tiny
 _E4M3_IN_FP16 = 0xBF80 - 0x10000  # int16 mask: the sign bit and the 7 magnitude bits shifted to bits 7..13
 
 
-def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
-    """The smallest bfloat16 value >= ``x`` (positive, finite fp32), as fp32: round the low 16 bits up."""
-    return x.view(torch.int32).add_(0xFFFF).bitwise_and_(-0x10000).view(torch.float32)
-
-
 @dataclass
-class FP8Rows:
+class FP8Rows(QuantRows):
     """``payload * scale`` approximates the stored rows; payload [..., T, C] fp8, scale [..., T, 1] bf16."""
-
-    payload: torch.Tensor
-    scale: torch.Tensor
 
     @classmethod
     def encode(cls, x: torch.Tensor, fmt_name: str) -> FP8Rows:
@@ -37,12 +28,8 @@ class FP8Rows:
         """
         fmt = fp8_format(fmt_name)
         x32 = x.float()
-        exact = x32.abs().amax(dim=-1, keepdim=True).div_(fmt.max_value).clamp_(min=_BF16_TINY)
-        scale = _bf16_ceil(exact)
+        scale = bf16_ceil(x32.abs().amax(dim=-1, keepdim=True).div_(fmt.max_value).clamp_(min=BF16_TINY))
         return cls(quantize(x32 / scale, fmt), scale.to(torch.bfloat16))
-
-    def decode(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.payload.float() * self.scale.float()).to(dtype)
 
     def widen(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, scale)`` with ``rows * scale`` equal to :meth:`decode`, cheaply, for attention to fold
@@ -51,35 +38,16 @@ class FP8Rows:
         An FP8 code's bits, shifted into a float16's sign, exponent and mantissa fields, are that
         number times 2^(bias_fp16 - bias_fp8) (subnormals included: both formats' subnormals scale
         alike), and float16 widens to fp32 in one vectorized pass; the power of two goes into
-        ``scale``. Read as int8 the code sign-extends, so one shift and (for e4m3) one mask place it.
+        ``scale``. Read as int8 the code sign-extends, so one shift (an in-place multiply: torch's
+        in-place shift copies) and, for e4m3, one mask place it.
         The rows stay near 1 in magnitude: an fp32 placement would leave them near 2^-120, where
         products with the probabilities fall into slow subnormal arithmetic. torch's own FP8 cast
         is about 8x slower than these passes.
         """
         if self.payload.dtype == torch.float8_e4m3fn:
-            bits = self.payload.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(_E4M3_IN_FP16)
+            bits = self.payload.view(torch.int8).to(torch.int16).mul_(1 << 7).bitwise_and_(_E4M3_IN_FP16)
             power = 2.0 ** 8
         else:  # e5m2 is the top byte of a float16
-            bits = self.payload.view(torch.int8).to(torch.int16).bitwise_left_shift_(8)
+            bits = self.payload.view(torch.int8).to(torch.int16).mul_(1 << 8)
             power = 1.0
         return bits.view(torch.float16).to(dtype), self.scale.squeeze(-1).float() * power
-
-    def cat(self, other: FP8Rows) -> FP8Rows:
-        """Append ``other``'s tokens (dim -2); fp8 tensors are concatenated through a uint8 view."""
-        payload = torch.cat([self.payload.view(torch.uint8), other.payload.view(torch.uint8)], dim=-2)
-        return FP8Rows(payload.view(self.payload.dtype), torch.cat([self.scale, other.scale], dim=-2))
-
-    def split(self, n: int) -> tuple[FP8Rows, FP8Rows]:
-        """The first ``n`` tokens and the rest."""
-        return (FP8Rows(self.payload[..., :n, :], self.scale[..., :n, :]),
-                FP8Rows(self.payload[..., n:, :], self.scale[..., n:, :]))
-
-    def gather_tokens(self, index: torch.Tensor) -> FP8Rows:
-        """Rows at ``index`` [..., T'] along dim -2."""
-        pi = index.unsqueeze(-1)
-        payload = self.payload.view(torch.uint8).gather(-2, pi.expand(*pi.shape[:-1], self.payload.shape[-1]))
-        return FP8Rows(payload.view(self.payload.dtype), self.scale.gather(-2, pi))
-
-    def nbytes(self) -> int:
-        """Payload (one byte an element) plus scales."""
-        return self.payload.numel() * self.payload.element_size() + self.scale.numel() * self.scale.element_size()

@@ -1,12 +1,12 @@
-"""One decoder layer's pruned KV cache: compact keys, optional eviction and FP8, exact byte count.
+"""One decoder layer's pruned KV cache: compact keys, optional eviction and quantization, exact byte count.
 
 Storage per layer (B rows, H KV heads, head dim D, Dk kept channels):
 
-- ``pruned_k`` [B, H, Tp, Dk]: keys of older tokens, kept channels only (FP8 rows if asked);
+- ``pruned_k`` [B, H, Tp, Dk]: keys of older tokens, kept channels only (FP8 or int4 rows if asked);
 - ``channels`` [B, H, Dk]: the kept channel indices (smallest integer type; absent when all kept);
 - ``window_k`` [B, H, Tw, D]: full-width keys of the most recent tokens, in the model dtype
   (ThinK only; without it every key goes to ``pruned_k`` at full width);
-- ``vals`` [B, H, Tp + Tw, D]: values of every kept token (FP8 rows if asked);
+- ``vals`` [B, H, Tp + Tw, D]: values of every kept token (FP8 or int4 rows if asked);
 - ``positions`` [B, H, Tp + Tw]: original positions of kept tokens, only after eviction
   (without eviction the stored tokens are exactly positions 0..seen-1).
 
@@ -26,8 +26,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from memwise_kvprune import scoring
 from memwise_kvprune.bytes import kept_prompt_tokens
-from memwise_kvprune.fp8store import FP8Rows
-from memwise_kvprune.specs import FP8, Eviction, ThinK
+from memwise_kvprune.rows import QuantRows
+from memwise_kvprune.specs import Eviction, Quant, ThinK
 
 
 @dataclass
@@ -42,7 +42,7 @@ class PrunedView:
 def _nbytes(t: Any) -> int:
     if t is None:
         return 0
-    if isinstance(t, FP8Rows):
+    if isinstance(t, QuantRows):
         return t.nbytes()
     return t.numel() * t.element_size()
 
@@ -50,27 +50,27 @@ def _nbytes(t: Any) -> int:
 def _cat(a: Any, b: Any) -> Any:
     if a is None:
         return b
-    return a.cat(b) if isinstance(a, FP8Rows) else torch.cat([a, b], dim=-2)
+    return a.cat(b) if isinstance(a, QuantRows) else torch.cat([a, b], dim=-2)
 
 
 def _tokens(t: Any) -> int:
     if t is None:
         return 0
-    return (t.payload if isinstance(t, FP8Rows) else t).shape[-2]
+    return t.tokens() if isinstance(t, QuantRows) else t.shape[-2]
 
 
 class PrunedLayer(CacheLayerMixin):
-    """A ``CacheLayerMixin`` holding ThinK-pruned keys, eviction-selected tokens and FP8 rows."""
+    """A ``CacheLayerMixin`` holding ThinK-pruned keys, eviction-selected tokens and quantized rows."""
 
     is_sliding = False
     is_croppable = False
     is_compileable = False
     supports_early_init = False
 
-    def __init__(self, think: ThinK | None = None, eviction: Eviction | None = None, fp8: FP8 | None = None,
+    def __init__(self, think: ThinK | None = None, eviction: Eviction | None = None, quant: Quant | None = None,
                  **kwargs: Any) -> None:
         super().__init__()
-        self.think, self.eviction, self.fp8 = think, eviction, fp8
+        self.think, self.eviction, self.quant = think, eviction, quant
         self.seen = 0
         self.pruned_k: Any = None
         self.channels: torch.Tensor | None = None
@@ -116,7 +116,7 @@ class PrunedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.think, self.eviction, self.fp8)
+        self.__init__(self.think, self.eviction, self.quant)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("memwise kvprune caches do not support beam search")
@@ -125,7 +125,7 @@ class PrunedLayer(CacheLayerMixin):
 
     def compress(self, view: PrunedView, query: torch.Tensor, attention_mask: torch.Tensor | None,
                  scaling: float) -> None:
-        """Evict tokens, then prune key channels, then store (FP8 if asked); drops the full prompt."""
+        """Evict tokens, then prune key channels, then store (quantized if asked); drops the full prompt."""
         keys, values = view.prefill_keys, view.prefill_values
         b, h, length, d = keys.shape
         q = query.reshape(b, h, -1, query.shape[-2], d)
@@ -167,7 +167,7 @@ class PrunedLayer(CacheLayerMixin):
     # --- decoding ----------------------------------------------------------------------
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """New tokens join the full-width window under ThinK, else the (possibly FP8) key store directly."""
+        """New tokens join the full-width window under ThinK, else the (possibly quantized) key store directly."""
         if self.channels is not None:
             self.window_k = torch.cat([self.window_k, key_states.to(self.dtype)], dim=-2)
         else:
@@ -198,10 +198,10 @@ class PrunedLayer(CacheLayerMixin):
         return keys.gather(-1, index)
 
     def _store_keys(self, keys: torch.Tensor) -> Any:
-        return FP8Rows.encode(keys, self.fp8.format) if self.fp8 else keys.contiguous()
+        return self.quant.encode(keys) if self.quant else keys.contiguous()
 
     def _store_values(self, values: torch.Tensor) -> Any:
-        return FP8Rows.encode(values, self.fp8.format) if self.fp8 else values.contiguous()
+        return self.quant.encode(values) if self.quant else values.contiguous()
 
     def stored_tokens(self) -> int:
         return _tokens(self.vals)

@@ -11,10 +11,10 @@ from memwise import Problem, RecipeError, option
 
 
 class KVPrunePlugin(memwise.Plugin):
-    """KV-cache pruning at generation: ThinK key channels, token eviction, FP8 storage."""
+    """KV-cache pruning at generation: ThinK key channels, token eviction, FP8 or int4 storage."""
 
     name = "kvprune"
-    summary = "KV-cache pruning: ThinK key channels (compact), StreamingLLM/SnapKV eviction, FP8 storage"
+    summary = "KV-cache pruning: ThinK key channels (compact), StreamingLLM/SnapKV eviction, FP8/int4 storage"
     stages = ("generate",)
     phase = "runtime"
     distribution = "memwise-kvprune"
@@ -30,7 +30,9 @@ class KVPrunePlugin(memwise.Plugin):
         sinks: int = option(4, "streaming and snapkv: first non-pad tokens always kept")
         evict_observe: int = option(32, "snapkv: last prompt tokens whose attention votes")
         kernel: int = option(7, "snapkv: width of the average pooling of votes (odd)")
-        fp8: Literal["none", "e4m3", "e5m2"] = option("none", "FP8 storage of pruned keys and values")
+        quant: Literal["none", "e4m3", "e5m2", "int4"] = option(
+            "none", "storage of pruned keys and values: FP8 (e4m3, e5m2) or 4-bit integers, per-token scales")
+        quant_group: int = option(32, "int4: channels sharing one scale (one per row when it does not divide)")
 
     def post_init(self) -> None:
         c = self.config
@@ -40,7 +42,7 @@ class KVPrunePlugin(memwise.Plugin):
         for key in ("think_window", "fold_every", "sinks"):
             if getattr(c, key) < 0:
                 problems.append(Problem(f"kvprune.{key}", f"must be >= 0, got {getattr(c, key)}"))
-        for key in ("think_observe", "evict_observe"):
+        for key in ("think_observe", "evict_observe", "quant_group"):
             if getattr(c, key) < 1:
                 problems.append(Problem(f"kvprune.{key}", f"must be >= 1, got {getattr(c, key)}"))
         if not 0.0 < c.budget <= 1.0:
@@ -50,6 +52,9 @@ class KVPrunePlugin(memwise.Plugin):
         if c.eviction == "none" and c.budget != 0.5:
             problems.append(Problem("kvprune.budget", "is set but eviction is 'none': set eviction to "
                                     "'streaming' or 'snapkv', or drop budget"))
+        if c.quant != "int4" and c.quant_group != 32:
+            problems.append(Problem("kvprune.quant_group", f"is set but quant is {c.quant!r}: set quant to 'int4', "
+                                    "or drop quant_group"))
         if c.think_ratio == 0 and c.fold_every:
             problems.append(Problem("kvprune.fold_every", "folds into the ThinK store, but think_ratio is 0"))
         if problems:
@@ -60,13 +65,13 @@ class KVPrunePlugin(memwise.Plugin):
 
     def cache_settings(self) -> dict:
         """The keyword arguments of :func:`memwise_kvprune.make_cache` for this config."""
-        from memwise_kvprune.specs import FP8, Eviction, ThinK
+        from memwise_kvprune.specs import FP8, Eviction, Int4, ThinK
 
         c = self.config
         think = ThinK(c.think_ratio, c.think_window, c.think_observe, c.fold_every) if c.think_ratio > 0 else None
         eviction = None if c.eviction == "none" else Eviction(c.eviction, c.budget, c.sinks, c.evict_observe, c.kernel)
-        fp8 = None if c.fp8 == "none" else FP8(c.fp8)
-        return {"think": think, "eviction": eviction, "fp8": fp8}
+        quant = None if c.quant == "none" else Int4(c.quant_group) if c.quant == "int4" else FP8(c.quant)
+        return {"think": think, "eviction": eviction, "quant": quant}
 
     @memwise.hookimpl
     def memwise_validate(self, ctx: memwise.RunContext) -> list:

@@ -1,9 +1,9 @@
-"""What to prune: plain settings for ThinK, token eviction and FP8 storage (no heavy imports)."""
+"""What to prune: plain settings for ThinK, token eviction and quantized storage (no heavy imports)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,45 @@ class Eviction:
 
 @dataclass(frozen=True)
 class FP8:
-    """FP8 storage of pruned keys and all values, one fp32 scale per token and KV head."""
+    """FP8 storage of pruned keys and all values, one bf16 scale per token and KV head."""
 
     format: Literal["e4m3", "e5m2"] = "e4m3"
+
+    def encode(self, x: Any) -> Any:
+        from memwise_kvprune.fp8store import FP8Rows
+
+        return FP8Rows.encode(x, self.format)
+
+    def row_bytes(self, width: int) -> int:
+        """Bytes of one token row of ``width`` elements: a byte each plus the scale."""
+        return width + 2
+
+
+@dataclass(frozen=True)
+class Int4:
+    """4-bit storage of pruned keys and all values: symmetric codes, one bf16 scale per token and
+    ``group`` channels (one per row when ``group`` does not divide the row)."""
+
+    group: int = 32
+
+    def __post_init__(self) -> None:
+        if self.group < 1:
+            raise ValueError(f"int4 group must be >= 1, got {self.group}")
+
+    def encode(self, x: Any) -> Any:
+        from memwise_kvprune.int4store import Int4Rows
+
+        return Int4Rows.encode(x, self.group)
+
+    def row_bytes(self, width: int) -> int:
+        """Two elements a byte plus one bf16 scale per group."""
+        return (width + 1) // 2 + 2 * groups_of(width, self.group)
+
+
+def groups_of(width: int, group: int) -> int:
+    """Int4 scale groups per row: ``width / group`` when it divides, else one group for the row."""
+    return width // group if width % group == 0 else 1
+
+
+Quant = FP8 | Int4
+"""A storage format for the cache's pruned keys and values."""
