@@ -22,7 +22,7 @@ class KVPrunePlugin(memwise.Plugin):
     @dataclasses.dataclass
     class Config:
         think_ratio: float = option(0.5, "fraction of key channels pruned per KV head (0 keeps all)")
-        think_window: int = option(32, "recent tokens whose keys stay full width")
+        think_window: int = option(0, "last prompt tokens whose keys stay full width (ThinK's authors: 32)")
         think_observe: int = option(32, "last prompt queries that score the key channels")
         fold_every: int = option(0, "prune the oldest window tokens every N decoded tokens (0: never)")
         eviction: Literal["none", "streaming", "snapkv"] = option("none", "token eviction policy at prefill")

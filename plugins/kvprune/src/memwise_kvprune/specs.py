@@ -10,13 +10,16 @@ from typing import Any, Literal
 class ThinK:
     """Key-channel pruning: keep the top ``1 - ratio`` channels per KV head, scored at prefill.
 
-    ``window`` recent tokens keep full-width keys; with ``fold_every > 0`` the oldest
-    ``fold_every`` window tokens are pruned once the window holds ``window + fold_every``,
-    so long generations save memory too.
+    The prompt's keys are all pruned by default (``window=0``); decoded tokens' keys stay full
+    width, and with ``fold_every > 0`` the oldest ``fold_every`` of them are pruned once the
+    full-width window holds ``window + fold_every``, so long generations save memory too.
+    ThinK's authors keep the last 32 prompt tokens full width; on SmolLM2-135M that window
+    pulled attention toward the question and cost retrieval when composed with eviction
+    (docs/plugins/kvprune.md), so it is opt-in.
     """
 
     ratio: float = 0.5
-    window: int = 32
+    window: int = 0
     observe: int = 32
     fold_every: int = 0
 
