@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from memwise.kernels.fp8 import FP8Format, fp8_format, round_to_grid
+from memwise.kernels.fp8 import FP8Format, decode, fp8_format
 
 
 MIN_EXPANSION = 1 / 16
@@ -66,19 +66,30 @@ def expansion_exponent(ratio: torch.Tensor, log_range: float, min_expansion: flo
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    flat = x.reshape(-1).float()
+    """``x`` flat as fp32 rows of ``group_size`` (zero padded); a view of ``x`` when no copy is needed."""
+    flat = (decode(x) if x.dtype in _FP8 else x.float()).reshape(-1)
     pad = (-flat.numel()) % group_size
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
     return flat.view(-1, group_size)
 
 
-def quantize_groups(x: torch.Tensor, c: MomentCodec) -> dict[str, torch.Tensor]:
-    """FP8 codes (shape of ``x``) and per-group metadata; zeros of padding never count."""
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize_groups(x: torch.Tensor, c: MomentCodec, out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """FP8 codes (shape of ``x``; written into ``out`` when given) and per-group metadata; zeros of
+    padding never count.
+
+    Per element: y = sign(x) 2^(k log2|x/c|), r = y / s, |r| raised to the format's smallest
+    value unless it is 0, then the saturating FP8 cast (torch's cast rounds as
+    ``round_to_grid`` does). Written with few full-size temporaries, updated in place.
+    """
     g = _grouped(x, c.group_size)
     a = g.abs()
     big = a.amax(dim=1)
-    small = torch.where(a > 0, a, torch.full_like(a, math.inf)).amin(dim=1)
+    work = torch.where(a > 0, a, math.inf)
+    small = work.amin(dim=1)
     nonzero = big > 0
     flat = small == big  # every non-zero magnitude equal: stored exactly as +-1
     one = torch.ones_like(big)
@@ -87,28 +98,49 @@ def quantize_groups(x: torch.Tensor, c: MomentCodec) -> dict[str, torch.Tensor]:
         k = torch.where(nonzero, k, one)
         centre = torch.where(flat, big, torch.sqrt(big) * torch.sqrt(small))
         centre = torch.where(nonzero, centre, one)
-        y = torch.sign(g) * torch.exp2(k[:, None] * torch.log2(a / centre[:, None]))
-        scale = y.abs().amax(dim=1) / c.fmt.max_value
+        mag = torch.div(a, centre[:, None], out=work).log2_().mul_(k[:, None]).exp2_()  # |y|
+        scale = mag.amax(dim=1) / c.fmt.max_value
         scale = torch.where(nonzero & ~flat, scale, one)
+        # |r| of each group's smallest non-zero, by the same operations as its element
+        least = torch.exp2(torch.log2(small / centre) * k) / scale
         meta = {"scale": scale, "expand": k, "centre": centre}
     else:
-        y = g
         scale = torch.where(flat, big, big / c.fmt.max_value)
         scale = torch.where(nonzero, scale, one)
+        mag = torch.abs(g, out=work)
+        least = small / scale
         meta = {"scale": scale}
-    r = y / scale[:, None]
-    r = torch.where(r == 0, r, torch.copysign(r.abs().clamp(min=c.smallest), r))  # non-zeros stay non-zero
-    q = round_to_grid(r, c.fmt).to(c.fmt.dtype)
-    meta["q"] = q.view(-1)[: x.numel()].view(x.shape)
+    mag.div_(scale[:, None])  # |r|
+    if bool((least[nonzero] > _FAR_FROM_ZERO).all()):
+        # |r| is 0 exactly where x is (log2, exp2 and division are monotonic): raise every |r| to
+        # the smallest value, then multiply by sign(x), which is 0 there
+        mag.clamp_(c.smallest, c.fmt.max_value)
+        r = mag.mul_(torch.sign(g, out=a)) if c.expansion else torch.copysign(mag, g, out=mag).mul_(g != 0)
+    else:  # some |r| underflows to 0 although x does not: it stays 0
+        zero = mag == 0
+        mag.clamp_(c.smallest, c.fmt.max_value).masked_fill_(zero, 0.0)
+        r = mag.mul_(torch.sign(g, out=a)) if c.expansion else torch.copysign(mag, g, out=mag)
+    # in expansion mode y = sign(x) |y| is +0 for x = -0; the plain mode's y = x keeps a zero's sign
+    n = x.numel()
+    if out is not None:
+        out.view(-1).copy_(r.view(-1)[:n])
+        meta["q"] = out
+    else:
+        meta["q"] = r.to(c.fmt.dtype).view(-1)[:n].view(x.shape)
     return meta
 
 
+_FAR_FROM_ZERO = 2.0**-100
+"""A group whose smallest non-zero |r| exceeds this has no non-zero |r| that rounds to 0."""
+
+
 def dequantize_groups(q: torch.Tensor, meta: dict[str, torch.Tensor], c: MomentCodec) -> torch.Tensor:
-    """fp32 values of codes ``q`` (shape kept)."""
+    """fp32 values of codes ``q`` (shape kept): sign(ys) 2^(log2|ys| / k) c with ys = q s."""
     g = _grouped(q, c.group_size)
-    ys = g * meta["scale"][:, None]
+    ys = g.mul_(meta["scale"][:, None]) if q.dtype in _FP8 else g * meta["scale"][:, None]
     if c.expansion:
-        x = torch.sign(ys) * torch.exp2(torch.log2(ys.abs()) / meta["expand"][:, None]) * meta["centre"][:, None]
+        x = ys.abs().log2_().div_(meta["expand"][:, None]).exp2_()
+        x = ys.sign_().mul_(x).mul_(meta["centre"][:, None])
     else:
         x = ys
     return x.view(-1)[: q.numel()].view(q.shape)

@@ -21,8 +21,8 @@ def load_moment(state: dict, moment: str, c: MomentCodec) -> torch.Tensor:
 
 def store_moment(state: dict, moment: str, value: torch.Tensor, c: MomentCodec) -> None:
     """Quantize ``value`` into the state's existing tensors (no new allocations kept)."""
-    packed = quantize_groups(value, c)
-    state[moment].copy_(packed.pop("q"))
+    packed = quantize_groups(value, c, out=state[moment])
+    packed.pop("q")
     for key, t in packed.items():
         state[f"{moment}_{key}"].copy_(t)
 
