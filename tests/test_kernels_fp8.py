@@ -55,7 +55,7 @@ def test_decode_equals_torch_conversion_for_every_code(fmt):
     assert torch.equal(ours.isnan(), torchs.isnan())
     finite = ~torchs.isnan()
     assert torch.equal(ours[finite].view(torch.int32), torchs[finite].view(torch.int32))  # signed zeros too
-    no_nan = q.view(torch.uint8)[finite].view(fmt.dtype).[:250].reshape(5, 50)[:, :40]
+    no_nan = q.view(torch.uint8)[finite].view(fmt.dtype)[:250].reshape(5, 50)[:, :40]
     assert torch.equal(decode(no_nan).view(torch.int32), no_nan.float().view(torch.int32))  # any shape
 
 
