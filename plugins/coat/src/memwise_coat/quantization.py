@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from memwise.kernels.fp8 import FP8Format, decode, fp8_format
+from memwise.kernels.fp8 import FP8Format, as_float16, decode, fp8_format
 
 
 MIN_EXPANSION = 1 / 16
@@ -67,7 +67,11 @@ def expansion_exponent(ratio: torch.Tensor, log_range: float, min_expansion: flo
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """``x`` flat as fp32 rows of ``group_size`` (zero padded); a view of ``x`` when no copy is needed."""
-    flat = (decode(x) if x.dtype in _FP8 else x.float()).reshape(-1)
+    return _rows(decode(x) if x.dtype in _FP8 else x.float(), group_size)
+
+
+def _rows(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    flat = x.reshape(-1)
     pad = (-flat.numel()) % group_size
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
@@ -75,6 +79,18 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _least_nonzero(a: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Each row's smallest non-zero value of non-negative ``a`` (+inf for a row of zeros).
+
+    Non-negative floats order as their int32 bit patterns; bits - 1 sends 0 to -1, which the mask
+    0x7FFFFFFF turns into the largest pattern, so one integer minimum skips the zeros.
+    """
+    bits = torch.sub(a.view(torch.int32), 1, out=work.view(torch.int32)).bitwise_and_(0x7FFFFFFF)
+    least = bits.amin(dim=1)
+    least = torch.where(least == 0x7FFFFFFF, 0x7F7FFFFF, least)  # a row of zeros: +inf
+    return least.add_(1).view(torch.float32)
 
 
 def quantize_groups(x: torch.Tensor, c: MomentCodec, out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -88,9 +104,8 @@ def quantize_groups(x: torch.Tensor, c: MomentCodec, out: torch.Tensor | None = 
     g = _grouped(x, c.group_size)
     a = g.abs()
     big = a.amax(dim=1)
-    work = torch.where(a > 0, a, math.inf)
-    small = work.amin(dim=1)
     nonzero = big > 0
+    small = _least_nonzero(a, work := torch.empty_like(a))
     flat = small == big  # every non-zero magnitude equal: stored exactly as +-1
     one = torch.ones_like(big)
     if c.expansion:
@@ -136,8 +151,16 @@ _FAR_FROM_ZERO = 2.0**-100
 
 def dequantize_groups(q: torch.Tensor, meta: dict[str, torch.Tensor], c: MomentCodec) -> torch.Tensor:
     """fp32 values of codes ``q`` (shape kept): sign(ys) 2^(log2|ys| / k) c with ys = q s."""
-    g = _grouped(q, c.group_size)
-    ys = g.mul_(meta["scale"][:, None]) if q.dtype in _FP8 else g * meta["scale"][:, None]
+    if q.dtype in _FP8:
+        # h * (f scale) and (h f) * scale are the same product rounded once while f scale is finite
+        half, factor = as_float16(q)
+        scale = meta["scale"] * factor
+        if factor != 1.0 and bool(scale.isinf().any()):
+            ys = _rows(half.float().mul_(factor), c.group_size).mul_(meta["scale"][:, None])
+        else:
+            ys = _rows(half.float(), c.group_size).mul_(scale[:, None])
+    else:
+        ys = _grouped(q, c.group_size) * meta["scale"][:, None]
     if c.expansion:
         x = ys.abs().log2_().div_(meta["expand"][:, None]).exp2_()
         x = ys.sign_().mul_(x).mul_(meta["centre"][:, None])
