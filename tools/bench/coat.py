@@ -110,14 +110,28 @@ def tensor_steps(reps: int, size: int) -> dict[str, float]:
         for p in params:
             p.grad = torch.randn(size, size, generator=gen) * 1e-3
         steps[label] = make(params, None).step
-    medians = interleaved(steps, repeats=reps, warmup=2)
-    ref = medians["torch AdamW (fp32)"]
-    print(f"\n| optimizer (2 x {size}x{size} fp32, {torch.get_num_threads()} thread(s)) | step (ms) | ratio to torch AdamW |")
-    print("|---|---|---|")
-    for label, t in medians.items():
-        print(f"| {label} | {t * 1e3:.1f} | {t / ref:.2f}x |")
-    print(f"({machine()}; median of {reps} interleaved rounds after 2 warm-up rounds)")
-    return medians
+    import time
+
+    wall = interleaved(steps, repeats=reps, warmup=2)
+    cpu = interleaved(steps, repeats=reps, warmup=0, clock=time.thread_time)
+    label = "torch AdamW (fp32)"
+    print(f"\n| optimizer (2 x {size}x{size} fp32, {torch.get_num_threads()} thread(s)) | step, wall (ms) | "
+          "ratio to torch AdamW, wall | step, CPU time (ms) | ratio, CPU time |")
+    print("|---|---|---|---|---|")
+    for name in wall:
+        print(f"| {name} | {wall[name] * 1e3:.1f} | {wall[name] / wall[label]:.2f}x | {cpu[name] * 1e3:.1f} | "
+              f"{cpu[name] / cpu[label]:.2f}x |")
+    print(f"({machine()}; load average {_load()}; medians of {reps} interleaved rounds after 2 warm-up rounds, "
+          "wall clock, then as many rounds timed by this thread's CPU time)")
+    return cpu
+
+
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "unknown"
 
 
 def optimizer(reps: int, size: int) -> None:
