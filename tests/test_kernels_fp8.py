@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from memwise.kernels.fp8 import E4M3, E5M2, quantize, round_to_grid
+from memwise.kernels.fp8 import E4M3, E5M2, decode, quantize, round_to_grid
 
 
 def samples():
@@ -45,6 +45,18 @@ def test_quantize_rounds_ties_like_the_grid(fmt):
     mids = (grid[1:] + grid[:-1]) / 2
     x = torch.cat([grid, mids, torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1]), samples()])
     assert torch.equal(quantize(x, fmt).view(torch.uint8), round_to_grid(x, fmt).to(fmt.dtype).view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_decode_equals_torch_conversion_for_every_code(fmt):
+    q = torch.arange(256, dtype=torch.uint8).view(fmt.dtype)
+    ours, torchs = decode(q), q.float()
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours.isnan(), torchs.isnan())
+    finite = ~torchs.isnan()
+    assert torch.equal(ours[finite].view(torch.int32), torchs[finite].view(torch.int32))  # signed zeros too
+    no_nan = q.view(torch.uint8)[finite].view(fmt.dtype)[:250].reshape(5, 50)[:, :40]
+    assert torch.equal(decode(no_nan).view(torch.int32), no_nan.float().view(torch.int32))  # any shape
 
 
 def test_triton_helper_matches_reference_under_interpreter():

@@ -1,7 +1,7 @@
 """COAT benchmark: memory by category (tiny, small), optimizer bytes per parameter, step-time ratio, quality.
 
     python tools/bench/coat.py memory  [--workloads tiny small] [--out runs/bench-coat-memory.md]
-    python tools/bench/coat.py optimizer [--reps 7]
+    python tools/bench/coat.py optimizer [--reps 7] [--threads 1] [--size 2048]
     python tools/bench/coat.py quality [--steps 300]
 
 Memory: one probe step per configuration (MemTracker on CPU: exact and repeatable), baseline
@@ -70,17 +70,21 @@ def _tiny_model():
 
 
 def _peers() -> dict:
-    """Optimizer factories: torch AdamW, CoatAdamW, and peers when installed."""
+    """Optimizer factories: torch AdamW, CoatAdamW, and peers when installed (and working here)."""
     from memwise_coat import CoatAdamW
 
     peers = {"torch AdamW (fp32)": lambda ps, model: torch.optim.AdamW(ps, lr=1e-3),
-             "CoatAdamW": lambda ps, model: CoatAdamW(ps, lr=1e-3, fp32_params=_fp32(model))}
+             "CoatAdamW": lambda ps, model: CoatAdamW(ps, lr=1e-3, fp32_params=_fp32(model) if model else ())}
     try:
         import bitsandbytes as bnb
 
+        probe = torch.nn.Parameter(torch.zeros(4096))  # its CPU path must step, not only import
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
         peers["bitsandbytes AdamW8bit"] = lambda ps, model: bnb.optim.AdamW8bit(ps, lr=1e-3)
     except Exception as exc:  # noqa: BLE001 - any failure: not installed or no usable build
-        print(f"bitsandbytes AdamW8bit: skipped ({type(exc).__name__})")
+        print(f"bitsandbytes AdamW8bit: skipped ({type(exc).__name__}: {str(exc)[:120]}; "
+              "pip install 'memwise-coat[bench]' to compare)")
     try:
         from torchao.optim import AdamWFp8
 
@@ -96,7 +100,41 @@ def _fp32(model):
     return fp32_parameters(model, ["*embed*", "*norm*"])
 
 
-def optimizer(reps: int) -> None:
+def tensor_steps(reps: int, size: int) -> dict[str, float]:
+    """Step time of each optimizer on two ``size`` x ``size`` fp32 tensors (all of them FP8 in COAT),
+    interleaved in this process: median seconds."""
+    steps = {}
+    for label, make in _peers().items():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(size, size, generator=gen) * 0.02) for _ in range(2)]
+        for p in params:
+            p.grad = torch.randn(size, size, generator=gen) * 1e-3
+        steps[label] = make(params, None).step
+    import time
+
+    wall = interleaved(steps, repeats=reps, warmup=2)
+    cpu = interleaved(steps, repeats=reps, warmup=0, clock=time.thread_time)
+    label = "torch AdamW (fp32)"
+    print(f"\n| optimizer (2 x {size}x{size} fp32, {torch.get_num_threads()} thread(s)) | step, wall (ms) | "
+          "ratio to torch AdamW, wall | step, CPU time (ms) | ratio, CPU time |")
+    print("|---|---|---|---|---|")
+    for name in wall:
+        print(f"| {name} | {wall[name] * 1e3:.1f} | {wall[name] / wall[label]:.2f}x | {cpu[name] * 1e3:.1f} | "
+              f"{cpu[name] / cpu[label]:.2f}x |")
+    print(f"({machine()}; load average {_load()}; medians of {reps} interleaved rounds after 2 warm-up rounds, "
+          "wall clock, then as many rounds timed by this thread's CPU time)")
+    return cpu
+
+
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "unknown"
+
+
+def optimizer(reps: int, size: int) -> None:
     from memwise.memory import measure_step
 
     ids = torch.randint(0, 260, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -125,6 +163,7 @@ def optimizer(reps: int) -> None:
     for label, t in medians.items():
         print(f"step time {label}: median {t * 1e3:.1f} ms, ratio to torch AdamW {t / ref:.2f}x "
               f"({machine()}, {reps} interleaved reps)")
+    tensor_steps(reps, size)
 
 
 def quality(steps: int) -> None:
@@ -151,13 +190,20 @@ def main() -> None:
     m.add_argument("--out", type=Path)
     o = sub.add_parser("optimizer")
     o.add_argument("--reps", type=int, default=7)
+    o.add_argument("--threads", type=int, default=1, help="torch CPU threads (step times are per thread count)")
+    o.add_argument("--size", type=int, default=2048, help="side of the two square tensors of the step-time table")
+    o.add_argument("--tensors-only", action="store_true", help="only the step-time table on the two tensors")
     q = sub.add_parser("quality")
     q.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
     if args.what == "memory":
         memory(args.workloads, args.precision, args.out)
     elif args.what == "optimizer":
-        optimizer(args.reps)
+        torch.set_num_threads(args.threads)
+        if args.tensors_only:
+            tensor_steps(args.reps, args.size)
+        else:
+            optimizer(args.reps, args.size)
     else:
         quality(args.steps)
 

@@ -69,15 +69,20 @@ def probe_and_step(workload: str, overrides: list[str]):
     return report, step
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, run A B A B ... after warm-up."""
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 5, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds of each function, run A B A B ... after warm-up.
+
+    ``clock=time.thread_time`` counts only this thread's CPU time: on a machine shared with other
+    jobs, wall time also counts the time the scheduler gave them, which need not be in proportion.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return {k: statistics.median(v) for k, v in times.items()}
