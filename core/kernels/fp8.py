@@ -57,6 +57,9 @@ def quantize(x: torch.Tensor, fmt: FP8Format = E4M3) -> torch.Tensor:
     return x.float().clamp(-fmt.max_value, fmt.max_value).to(fmt.dtype)
 
 
+_E4M3_IN_FP16 = 0xBF80 - 0x10000  # int16 mask: bit 15 (sign) and bits 7..13 (exponent, mantissa)
+
+
 def decode(q: torch.Tensor) -> torch.Tensor:
     """fp32 values of an FP8 tensor, exactly ``q.float()``, through float16 bit patterns.
 
@@ -69,19 +72,22 @@ def decode(q: torch.Tensor) -> torch.Tensor:
     return out.mul_(factor) if factor != 1.0 else out
 
 
-def as_float16(q: torch.Tensor) -> tuple[torch.Tensor, float]:
+def as_float16(q: torch.Tensor, finite: bool = False) -> tuple[torch.Tensor, float]:
     """``(h, f)`` with ``q``'s values equal to ``h * f`` exactly: ``h`` float16, ``f`` a power of two.
 
-    E5M2 is float16's top byte (f = 1). An E4M3 byte s.eeee.mmm shifted left by 7 is the float16
-    s.0eeee.mmm0000000, the same value times 2^-8 (normal and subnormal alike; f = 256); the sign
-    bit is carried from bit 14 to bit 15 by adding it once more. E4M3's NaN codes become NaN.
+    Read as int8 a code sign-extends into int16. E5M2 is float16's top byte: times 2^8 (f = 1).
+    E4M3 s.eeee.mmm times 2^7 lands as s.s.eeee.mmm0000000, and clearing bit 14 leaves the float16
+    s.0eeee.mmm0000000, the same value times 2^-8 (normal and subnormal alike; f = 256). The
+    shifts are in-place multiplies (torch's in-place shift copies). E4M3's NaN codes become NaN,
+    unless the caller knows there are none (``finite``: one reduction fewer, for KV caches that
+    decode every step).
     """
-    bits = q.view(torch.uint8).to(torch.int16)
-    if q.dtype == torch.float8_e5m2:
-        return bits.bitwise_left_shift_(8).view(torch.float16), 1.0
-    if q.dtype != torch.float8_e4m3fn:
+    if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"decode takes float8_e4m3fn or float8_e5m2, not {q.dtype}")
-    half = bits.add_(bits & 0x80).bitwise_left_shift_(7).view(torch.float16)
-    if q.numel() and q.view(torch.uint8).bitwise_and(0x7F).max() == 0x7F:  # a reduction, no mask, usually
+    bits = q.view(torch.int8).to(torch.int16)
+    if q.dtype == torch.float8_e5m2:
+        return bits.mul_(1 << 8).view(torch.float16), 1.0
+    half = bits.mul_(1 << 7).bitwise_and_(_E4M3_IN_FP16).view(torch.float16)
+    if not finite and q.numel() and q.view(torch.uint8).bitwise_and(0x7F).max() == 0x7F:
         half.masked_fill_(q.view(torch.uint8).bitwise_and(0x7F) == 0x7F, float("nan"))
     return half, 256.0

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memwise.kernels.fp8 import fp8_format, quantize
+from memwise.kernels.fp8 import as_float16, fp8_format, quantize
 from memwise_kvprune.rows import BF16_TINY, QuantRows, bf16_ceil
-
-_E4M3_IN_FP16 = 0xBF80 - 0x10000  # int16 mask: the sign bit and the 7 magnitude bits shifted to bits 7..13
 
 
 @dataclass
@@ -35,19 +33,11 @@ class FP8Rows(QuantRows):
         """``(rows, scale)`` with ``rows * scale`` equal to :meth:`decode`, cheaply, for attention to fold
         ``scale`` [..., T] (fp32) into its scores and probabilities instead of scaling every element.
 
-        An FP8 code's bits, shifted into a float16's sign, exponent and mantissa fields, are that
-        number times 2^(bias_fp16 - bias_fp8) (subnormals included: both formats' subnormals scale
-        alike), and float16 widens to fp32 in one vectorized pass; the power of two goes into
-        ``scale``. Read as int8 the code sign-extends, so one shift (an in-place multiply: torch's
-        in-place shift copies) and, for e4m3, one mask place it.
-        The rows stay near 1 in magnitude: an fp32 placement would leave them near 2^-120, where
-        products with the probabilities fall into slow subnormal arithmetic. torch's own FP8 cast
-        is about 8x slower than these passes.
+        The codes become float16 bit patterns (:func:`memwise.kernels.fp8.as_float16`; a cache holds
+        no NaN codes, encoding clamps), then fp32 in one vectorized cast; the power of two between
+        them goes into ``scale``. The rows stay near 1 in magnitude: a placement straight into fp32's
+        fields would leave them near 2^-120, where products with the probabilities fall into slow
+        subnormal arithmetic. torch's own FP8 cast is about 8x slower.
         """
-        if self.payload.dtype == torch.float8_e4m3fn:
-            bits = self.payload.view(torch.int8).to(torch.int16).mul_(1 << 7).bitwise_and_(_E4M3_IN_FP16)
-            power = 2.0 ** 8
-        else:  # e5m2 is the top byte of a float16
-            bits = self.payload.view(torch.int8).to(torch.int16).mul_(1 << 8)
-            power = 1.0
-        return bits.view(torch.float16).to(dtype), self.scale.squeeze(-1).float() * power
+        half, factor = as_float16(self.payload, finite=True)
+        return half.to(dtype), self.scale.squeeze(-1).float() * factor
