@@ -1,8 +1,9 @@
 """Settings measured to keep long-context retrieval, by model size; ``memwise validate`` warns outside them.
 
-Measured with tools/bench/kvprune_retrieval.py (pass key in ~1k tokens of prose and code
+Measured with tools/bench/kvprune_retrieval.py (pass key in 1k-4k tokens of prose and code
 under the chat template, exact match, greedy): a setting is safe when it stays within 5
-points of the full cache. Only small models are measured; larger ones are not checked.
+points of the full cache (SnapKV at 50% costs 8-10, ThinK at 0.75 everything, StreamingLLM
+the needles outside its recent part). Only small models are measured; larger ones are not checked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class SafeRange:
     streaming: bool  # False: StreamingLLM lost the needle at every budget measured
 
 
-MEASURED = (SafeRange(500_000_000, "SmolLM2-135M-Instruct", max_think=0.5, min_snapkv=0.5, streaming=False),)
+MEASURED = (SafeRange(500_000_000, "SmolLM2-135M-Instruct", max_think=0.5, min_snapkv=0.7, streaming=False),)
 
 
 def unsafe_settings(params: int, think_ratio: float, eviction: str, budget: float) -> list[str]:
