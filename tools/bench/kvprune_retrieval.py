@@ -185,7 +185,7 @@ class FanOutCache(Cache):
 
 
 def setting(name: str) -> dict:
-    """``full``, ``think0.5``, ``snapkv0.3`` (budget kept), ``streaming0.5``, ``fp8``, ``int4[gN]``, joined with ``+``;
+    """``full``, ``think0.5``, ``snapkv0.3`` (budget kept), ``streaming0.5``, ``fp8``, ``int4[gN]`` (groups of 32 unless N), joined with ``+``;
     suffixes set options: ``think0.5w0`` ThinK's full-width window, ``snapkv0.5s0k15o64`` the eviction's
     sinks, pooling kernel and observation window."""
     spec: dict = {}
@@ -196,7 +196,7 @@ def setting(name: str) -> dict:
             spec["quant"] = FP8("e4m3")
             continue
         if re.fullmatch(r"int4(g\d+)?", part):
-            spec["quant"] = Int4(int(part[5:])) if len(part) > 4 else Int4()
+            spec["quant"] = Int4(int(part[5:])) if len(part) > 4 else Int4(32)
             continue
         match = re.fullmatch(r"(think|snapkv|streaming)([0-9.]*[0-9])((?:[wsko]\d+)*)", part)
         if match is None:

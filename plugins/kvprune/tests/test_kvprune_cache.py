@@ -177,3 +177,17 @@ def test_snapkv_keeps_sinks_window_and_at_least_both(model):
     assert positions[0, :, :3].tolist() == [[0, 1, 2]] * 2  # row 1 starts after 7 pads
     assert positions[1, :, :3].tolist() == [[7, 8, 9]] * 2
     assert positions[:, :, -8:].tolist() == [[list(range(length - 8, length))] * 2] * 2
+
+
+def test_think_leaves_a_prompt_within_its_observation_window_whole(model):
+    """A prompt no longer than ``observe`` keeps every key channel (and the closed form says so)."""
+    ids, mask = prompts(length=12, pad=3)
+    think = ThinK(0.5, observe=12)
+    with pruned_generation(model, think=think) as cache:
+        generate(model, ids, mask, cache, new=4)
+    assert all(layer.channels is None for layer in cache.layers)
+    assert cache.nbytes() == predict_nbytes(2, 2, 2, 16, 12, 3, think, dtype_bytes=4)
+    longer, longer_mask = prompts(length=13, pad=3)
+    with pruned_generation(model, think=think) as cache:
+        generate(model, longer, longer_mask, cache, new=4)
+    assert all(layer.channels is not None for layer in cache.layers)

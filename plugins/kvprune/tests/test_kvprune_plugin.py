@@ -199,13 +199,13 @@ def test_quant_settings_resolve_and_refuse_nonsense():
     from memwise_kvprune.api import _quant
     from memwise_kvprune.specs import FP8, Int4
 
-    assert _quant(True) == FP8("e4m3") and _quant("e5m2") == FP8("e5m2") and _quant("int4") == Int4(32)
+    assert _quant(True) == FP8("e4m3") and _quant("e5m2") == FP8("e5m2") and _quant("int4") == Int4(16)
     assert _quant(None) is None and _quant(False) is None
     with pytest.raises(ValueError, match="quant must be"):
         _quant("int3")
-    assert KVPrunePlugin(quant="int4", quant_group=16).cache_settings()["quant"] == Int4(16)
+    assert KVPrunePlugin(quant="int4", quant_group=32).cache_settings()["quant"] == Int4(32)
     with pytest.raises(memwise.RecipeError, match="quant_group"):
-        KVPrunePlugin(quant="e4m3", quant_group=16)
+        KVPrunePlugin(quant="e4m3", quant_group=32)
 
 
 def test_validate_warns_outside_the_measured_safe_range():

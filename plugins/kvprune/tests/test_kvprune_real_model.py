@@ -84,7 +84,7 @@ def test_pass_key_survives_pruning_on_a_chat_prompt(real, pass_key, settings):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("settings", [
-    dict(think=ThinK(0.5), quant="int4"),
+    dict(think=ThinK(0.5), quant="int4"),  # 16-channel scale groups
     dict(think=ThinK(0.5), eviction=Eviction("snapkv", 0.5), quant="e4m3"),
 ], ids=["think0.5+int4", "think0.5+snapkv0.5+fp8"])
 def test_pass_key_survives_a_composition_at_4x_fewer_bytes(real, pass_key, settings):

@@ -28,7 +28,7 @@ def predict_nbytes(layers: int, batch: int, kv_heads: int, head_dim: int, prompt
     """Bytes after prefilling ``prompt`` tokens and feeding ``decoded`` more, one at a time."""
     stored = kept_prompt_tokens(prompt, eviction)
     tokens = stored + decoded
-    pruning = think is not None and think.ratio > 0
+    pruning = think is not None and think.prunes(prompt)
     if pruning:
         kept_dim = think.kept_channels(head_dim)
         w0 = min(think.window, stored)

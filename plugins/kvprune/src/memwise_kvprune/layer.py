@@ -151,7 +151,7 @@ class PrunedLayer(CacheLayerMixin):
                 self.positions = positions.to(torch.int16 if self.seen < 2 ** 15 - 1 else torch.int32)
         valid_h = valid if valid.dim() == 3 else valid[:, None, :].expand(-1, h, -1)
         kept = keys.shape[-2]
-        if self.think is not None and self.think.ratio > 0:
+        if self.think is not None and self.think.prunes(length):
             obs = min(self.think.observe, q.shape[-2])
             scores = scoring.channel_scores(q[..., -obs:, :], keys, valid_h)
             self.channels = scoring.top_channels(scores, self.think.kept_channels(d))
@@ -183,7 +183,7 @@ class PrunedLayer(CacheLayerMixin):
     def _fold(self) -> None:
         """Move the oldest ``fold_every`` window tokens into the pruned store once the window is full."""
         think = self.think
-        if think is None or think.ratio == 0 or think.fold_every == 0:
+        if self.channels is None or think.fold_every == 0:  # no channel pruning (none asked, or a short prompt)
             return
         if self.window_k.shape[-2] < think.window + think.fold_every:
             return

@@ -32,7 +32,7 @@ class KVPrunePlugin(memwise.Plugin):
         kernel: int = option(7, "snapkv: width of the average pooling of votes (odd)")
         quant: Literal["none", "e4m3", "e5m2", "int4"] = option(
             "none", "storage of pruned keys and values: FP8 (e4m3, e5m2) or 4-bit integers, per-token scales")
-        quant_group: int = option(32, "int4: channels sharing one scale (one per row when it does not divide)")
+        quant_group: int = option(16, "int4: channels sharing one scale (one per row when it does not divide)")
 
     def post_init(self) -> None:
         c = self.config
@@ -52,7 +52,7 @@ class KVPrunePlugin(memwise.Plugin):
         if c.eviction == "none" and c.budget != 0.5:
             problems.append(Problem("kvprune.budget", "is set but eviction is 'none': set eviction to "
                                     "'streaming' or 'snapkv', or drop budget"))
-        if c.quant != "int4" and c.quant_group != 32:
+        if c.quant != "int4" and c.quant_group != 16:
             problems.append(Problem("kvprune.quant_group", f"is set but quant is {c.quant!r}: set quant to 'int4', "
                                     "or drop quant_group"))
         if c.think_ratio == 0 and c.fold_every:

@@ -15,7 +15,9 @@ class ThinK:
     full-width window holds ``window + fold_every``, so long generations save memory too.
     ThinK's authors keep the last 32 prompt tokens full width; on SmolLM2-135M that window
     pulled attention toward the question and cost retrieval when composed with eviction
-    (docs/plugins/kvprune.md), so it is opt-in.
+    (docs/plugins/kvprune.md), so it is opt-in. A prompt no longer than ``observe`` is not
+    pruned: its channel statistics are a handful of tokens, the saving is nil, and on the
+    real model pruning one changed the answer.
     """
 
     ratio: float = 0.5
@@ -28,6 +30,10 @@ class ThinK:
             raise ValueError(f"ThinK ratio must be in [0, 1), got {self.ratio}")
         if self.window < 0 or self.observe < 1 or self.fold_every < 0:
             raise ValueError("ThinK window and fold_every must be >= 0 and observe >= 1")
+
+    def prunes(self, prompt: int) -> bool:
+        """Whether a ``prompt``-token prompt has its key channels pruned."""
+        return self.ratio > 0 and prompt > self.observe
 
     def kept_channels(self, head_dim: int) -> int:
         """Channels kept per head: D - floor(D * ratio)."""
@@ -82,7 +88,7 @@ class Int4:
     """4-bit storage of pruned keys and all values: symmetric codes, one bf16 scale per token and
     ``group`` channels (one per row when ``group`` does not divide the row)."""
 
-    group: int = 32
+    group: int = 16
 
     def __post_init__(self) -> None:
         if self.group < 1:
