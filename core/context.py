@@ -62,6 +62,9 @@ class RunContext:
     claims: ClaimsLedger = field(default_factory=ClaimsLedger)
     shared: dict = field(default_factory=dict)
     """Free space for plugins to leave facts for each other (namespaced by plugin name)."""
+    validation: Callable[[], list[dict]] | None = None
+    """Gives the run's fixed validation batches; set by the front end that owns the data (the recipe
+    runner), None in callback mode. Plugins read them through ``val_batches()``."""
     acting: str | None = None
     """The plugin whose hook runs now (set by the PluginHost): the owner of undo actions it registers."""
     _undo: list = field(default_factory=list)
@@ -97,6 +100,11 @@ class RunContext:
                 errors.append(err)
         if errors:
             raise TeardownError(errors)
+
+    def val_batches(self) -> list[dict]:
+        """The run's fixed validation batches (the same windows at every evaluation); empty when the
+        front end holds no validation data (a user's own Trainer)."""
+        return self.validation() if self.validation is not None else []
 
     def plugin(self, name: str) -> Any:
         """The plugin of this plan with that name, or None."""

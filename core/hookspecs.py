@@ -40,7 +40,10 @@ def memwise_estimate_memory(ctx: Any, estimate: Any) -> Any:
     surgery has run, this plugin's has not; ``memwise plan`` passes a meta model without
     surgery) and ``ctx.workload`` the batch shape. Count plain AdamW state with
     :func:`memwise.optim.state_bytes`.
-    Return a :class:`memwise.memory.MemoryDelta` (signed bytes per category) or None.
+    Return a :class:`memwise.memory.MemoryDelta` (signed bytes per category) or None. Depend only
+    on ``ctx.model``, ``ctx.workload``, ``ctx.config``, the plugin's config and ``estimate``:
+    ``memwise plan`` reuses a delta across combinations (one that did not read ``estimate``
+    across all of them).
     """
 
 

@@ -12,15 +12,16 @@ time) or ``transform_model`` -> ``configure_optimizer`` -> ``wrap_train_data`` -
 -> ``fit_end`` -> ``teardown``. Generation: ``validate`` -> ``transform_model`` ->
 ``wrap_generation``/``end_generation`` around each prompt or predict batch -> ``teardown``.
 
-Ordering does not rely on pluggy's registration order: the host registers plugins in plan
-order (pluggy is the hook-spec checker) and calls each hook plugin by plugin; a hookimpl
-that asks pluggy for its own position (``tryfirst``, ``trylast``, wrappers) is refused,
+Ordering does not rely on pluggy's registration order: pluggy only checks each plugin's hook
+names against the specs (:func:`check_plugin`), and the host calls each hook plugin by plugin; a
+hookimpl that asks pluggy for its own position (``tryfirst``, ``trylast``, wrappers) is refused,
 since the plan (``phase``, ``before``, ``after``) is what orders plugins.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ ORDER_OPTIONS = ("tryfirst", "trylast", "hookwrapper", "wrapper")
 
 class _HookManager(pluggy.PluginManager):
     """Looks only at ``memwise_*`` attributes for hook implementations: pluggy otherwise inspects every
-    attribute of every plugin, which made a planner that builds a host per candidate slow."""
+    attribute of every plugin, which made checking plugins slow."""
 
     def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
         if not name.startswith("memwise_"):
@@ -51,30 +52,17 @@ class _HookManager(pluggy.PluginManager):
 class PluginHost:
     """The plugins of one plan and every hook call on them, in plan order."""
 
-    def __init__(self, plugins: Sequence[Plugin]) -> None:
+    def __init__(self, plugins: Sequence[Plugin], checked: bool = False) -> None:
+        """``checked``: every plugin already passed :func:`check_plugin` (the planner checks each
+        plugin once, then builds a host per combination of them)."""
         self.plugins = list(plugins)
         self._generation_mark = 0
         self._torn_down = False
         self.changes: dict[str, list[str]] = {}
         """Per plugin, the modules its surgery changed (after ``estimate(transform=True)`` or ``transform_model``)."""
-        self.pm = _HookManager("memwise")
-        self.pm.add_hookspecs(hookspecs)
-        for p in self.plugins:
-            self.pm.register(p, name=p.name)
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as err:
-            name = getattr(getattr(err, "plugin", None), "name", "?")
-            raise MemwiseError(f"plugin '{name}' implements a hook that memwise does not define: {err}. "
-                               "Hook names start with 'memwise_' and are listed in docs/hooks.md") from None
-        for p in self.plugins:
-            for caller in self.pm.get_hookcallers(p) or []:
-                for impl in caller.get_hookimpls():
-                    asked = [o for o in ORDER_OPTIONS if impl.plugin is p and getattr(impl, o, False)]
-                    if asked:
-                        raise MemwiseError(f"plugin '{p.name}' marks {caller.name} with {', '.join(asked)}: memwise "
-                                           "orders plugins by the plan, so set the plugin's phase, before or after "
-                                           "instead (docs/writing-plugins.md)")
+        if not checked:
+            for p in self.plugins:
+                check_plugin(p)
 
     # --- calling ----------------------------------------------------------------------------
 
@@ -114,26 +102,32 @@ class PluginHost:
             problems += [p if p.key else Problem(f"plugin '{plugin.name}'", p.message) for p in found or []]
         return problems
 
-    def estimate(self, ctx: Any, baseline: MemoryEstimate,
-                 transform: bool = False) -> list[tuple[str, MemoryEstimate, str]]:
+    def estimate(self, ctx: Any, baseline: MemoryEstimate, transform: bool = False,
+                 memo: EstimateMemo | None = None) -> list[tuple[str, MemoryEstimate, str]]:
         """(label, estimate, note) for the baseline and after each plugin, in plan order.
 
         With ``transform``, each plugin's surgery runs right after its own estimate, so the
         next plugin predicts on the model as the plugins before it left it (an optimizer
         plugin after a freezing one sees the frozen parameters); the changes land in
         ``self.changes``. Without it (the planner's meta models) every plugin sees ``ctx.model`` as given.
+        ``memo`` (the planner's, shared by the hosts of one plan) asks each plugin at most once per
+        settings and estimate.
         """
         rows = [("baseline", baseline, "")]
         current = baseline
         for plugin in self.plugins:
             if self.implements(plugin, "memwise_estimate_memory"):
-                with _acting(ctx, plugin.name):
-                    delta = plugin.memwise_estimate_memory(ctx=ctx, estimate=current)
+                compute = functools.partial(self._estimate_one, plugin, ctx)
+                delta = compute(current) if memo is None else memo.delta(plugin, current, compute)
                 current = current.apply(delta)
                 rows.append((f"+ {plugin.name}", current, getattr(delta, "note", "") if delta else "no change"))
             if transform:
                 self._transform_one(plugin, ctx)
         return rows
+
+    def _estimate_one(self, plugin: Plugin, ctx: Any, current: Any) -> Any:
+        with _acting(ctx, plugin.name):
+            return plugin.memwise_estimate_memory(ctx=ctx, estimate=current)
 
     def transform_model(self, ctx: Any) -> dict[str, list[str]]:
         """Run model surgery plugin by plugin; warn for each that changed nothing."""
@@ -258,6 +252,65 @@ class PluginHost:
             errors += err.errors
         if errors:
             raise TeardownError(errors)
+
+
+def check_plugin(plugin: Plugin) -> None:
+    """Every ``memwise_*`` method of ``plugin`` matches a hook spec and asks pluggy for no position of its own."""
+    pm = _HookManager("memwise")
+    pm.add_hookspecs(hookspecs)
+    pm.register(plugin, name=plugin.name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise MemwiseError(f"plugin '{plugin.name}' implements a hook that memwise does not define: {err}. "
+                           "Hook names start with 'memwise_' and are listed in docs/hooks.md") from None
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            asked = [o for o in ORDER_OPTIONS if getattr(impl, o, False)]
+            if asked:
+                raise MemwiseError(f"plugin '{plugin.name}' marks {caller.name} with {', '.join(asked)}: memwise "
+                                   "orders plugins by the plan, so set the plugin's phase, before or after "
+                                   "instead (docs/writing-plugins.md)")
+
+
+class EstimateMemo:
+    """Plugins' estimate deltas kept across the hosts of one plan, over one model and workload that
+    never change: by plugin and settings when the plugin did not read the estimate it was given (its
+    delta then holds for every combination), else by plugin, settings and that estimate."""
+
+    def __init__(self) -> None:
+        self._by_settings: dict[tuple, Any] = {}
+        self._by_estimate: dict[tuple, Any] = {}
+        self.calls = 0
+        """How many estimate hooks actually ran."""
+
+    def delta(self, plugin: Plugin, current: MemoryEstimate, compute: Any) -> Any:
+        """``compute(estimate)``'s delta for ``plugin`` given ``current``, computed at most once."""
+        settings = (type(plugin), repr(plugin.config))
+        if settings in self._by_settings:
+            return self._by_settings[settings]
+        key = (*settings, repr(current))
+        if key not in self._by_estimate:
+            watched = _ReadWatch(current)
+            delta = compute(watched)
+            self.calls += 1
+            if not watched.read:
+                self._by_settings[settings] = delta
+                return delta
+            self._by_estimate[key] = delta
+        return self._by_estimate[key]
+
+
+class _ReadWatch:
+    """An estimate that notes whether a hook read anything of it."""
+
+    def __init__(self, estimate: MemoryEstimate) -> None:
+        self._estimate = estimate
+        self.read = False
+
+    def __getattr__(self, name: str) -> Any:
+        self.read = True
+        return getattr(self._estimate, name)
 
 
 class _PlanOrder:

@@ -33,18 +33,18 @@ def autoload_disabled() -> bool:
     return os.environ.get("MEMWISE_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def available() -> dict[str, Available]:
-    """Installed plugins by name, honouring MEMWISE_DISABLE_PLUGIN_AUTOLOAD and MEMWISE_PLUGINS."""
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    """Registered plugin entry points by name, honouring MEMWISE_DISABLE_PLUGIN_AUTOLOAD and MEMWISE_PLUGINS."""
     if autoload_disabled():
         return {}
     allow = _env_allow()
-    found: dict[str, Available] = {}
-    for ep in metadata.entry_points(group=GROUP):
-        if allow is not None and ep.name not in allow:
-            continue
-        dist = ep.dist.name if ep.dist else "unknown"
-        version = ep.dist.version if ep.dist else "unknown"
-        found[ep.name] = Available(ep.name, dist, version, ep.value)
+    return {ep.name: ep for ep in metadata.entry_points(group=GROUP) if allow is None or ep.name in allow}
+
+
+def available() -> dict[str, Available]:
+    """Installed plugins by name."""
+    found = {name: Available(name, ep.dist.name if ep.dist else "unknown", ep.dist.version if ep.dist else "unknown",
+                             ep.value) for name, ep in _entry_points().items()}
     return dict(sorted(found.items()))
 
 
@@ -67,9 +67,9 @@ def why_unavailable(name: str) -> str:
 
 def load(name: str) -> type[Plugin]:
     """Import the plugin class registered under ``name``."""
-    if name not in available():
+    ep = _entry_points().get(name)
+    if ep is None:
         raise MemwiseError(why_unavailable(name))
-    ep = next(e for e in metadata.entry_points(group=GROUP) if e.name == name)
     cls = ep.load()
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise MemwiseError(f"entry point '{name}' ({ep.value}) is not a memwise.Plugin subclass")

@@ -10,6 +10,7 @@ declares (``Plugin.slowdown``), then by peak.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -23,6 +24,7 @@ import torch
 from memwise import manager, memory, plan
 from memwise.context import RunContext, Workload
 from memwise.errors import MemwiseError, Problem, RecipeError
+from memwise.host import EstimateMemo, PluginHost, check_plugin
 from memwise.memory import MemoryEstimate
 from memwise.optim import OptimizerConfig, state_bytes
 from memwise.recipe import RecipeConfig
@@ -251,46 +253,89 @@ def plannable_plugins(stage: str = "fit") -> tuple[list[type], list[str]]:
     return chosen, notes
 
 
+@dataclass
+class PlanMemo:
+    """What the candidates of one plan share, computed once: the model's sizes by device count, each
+    plugin's delta (by plugin, settings and the estimate before it) and slowdown. Valid while the
+    model and the workload stay as they are (the planner's meta model is never transformed)."""
+
+    sizes: dict[int, dict[str, int]] = field(default_factory=dict)
+    configs: dict[str, RecipeConfig] = field(default_factory=dict)
+    deltas: EstimateMemo = field(default_factory=EstimateMemo)
+    slowdowns: dict = field(default_factory=dict)
+    checked: set[int] = field(default_factory=set)
+    """ids of the plugin instances that passed ``check_plugin``"""
+    walks: int = 0
+    """How many times the model's parameters were walked for its sizes."""
+
+    def sizes_of(self, model: torch.nn.Module, workload: Workload, devices: int) -> dict[str, int]:
+        """``sharded_state``, the largest layer's bytes and the baseline activations (all, and outside
+        the decoder layers), per rank over ``devices``."""
+        if devices not in self.sizes:
+            self.walks += 1
+            b, s, precision = workload.batch_size, workload.seq_len, workload.precision
+            self.sizes[devices] = {**sharded_state(model, devices), "layer": _layer_bytes(model, devices),
+                                   "activations": memory.llama_activation_bytes(model.config, b, s, precision),
+                                   "outside": memory.llama_activation_bytes(model.config, b, s, precision, layers=0)}
+        return self.sizes[devices]
+
+    def config(self, optimizer: str) -> RecipeConfig:
+        """The typed recipe the plugins see: only the optimizer is set."""
+        if optimizer not in self.configs:
+            self.configs[optimizer] = RecipeConfig(optimizer=OptimizerConfig(name=optimizer))
+        return self.configs[optimizer]
+
+    def host(self, plugins: list) -> PluginHost:
+        """A host over ``plugins``, each checked once for all the candidates it appears in."""
+        for p in plugins:
+            if id(p) not in self.checked:
+                check_plugin(p)
+                self.checked.add(id(p))
+        return PluginHost(plugins, checked=True)
+
+    def slowdown(self, plugin: Any, ctx: RunContext) -> float:
+        key = (type(plugin), repr(plugin.config))
+        if key not in self.slowdowns:
+            self.slowdowns[key] = plugin.slowdown(ctx)
+        return self.slowdowns[key]
+
+
 def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices: int = 1,
-             optimizer: str = "adamw") -> Candidate:
-    """Per-rank prediction for ``plugins`` (instances, plan order) on ``model`` (meta or real)."""
+             optimizer: str = "adamw", memo: PlanMemo | None = None) -> Candidate:
+    """Per-rank prediction for ``plugins`` (instances, plan order) on ``model`` (meta or real);
+    ``memo`` shares work between the candidates of one plan."""
+    memo = memo or PlanMemo()
     ctx = RunContext(stage="fit", plugins=plugins, recipe={"optimizer": {"name": optimizer}}, workload=workload,
-                     config=RecipeConfig(optimizer=OptimizerConfig(name=optimizer)))
+                     config=memo.config(optimizer))
     ctx.model = model
-    state = sharded_state(model, 1)
+    state = memo.sizes_of(model, workload, 1)
     est = MemoryEstimate(parameters=state["parameters"], gradients=state["gradients"],
-                         optimizer_state=state["optimizer_state"],
-                         activations=memory.llama_activation_bytes(model.config, workload.batch_size,
-                                                                   workload.seq_len, workload.precision))
+                         optimizer_state=state["optimizer_state"], activations=state["activations"])
     notes = []
     slowdown = 1.0
-    from memwise.host import PluginHost
-
-    host = PluginHost(plugins)
-    rows = host.estimate(ctx, est)
+    host = memo.host(plugins)
+    rows = host.estimate(ctx, est, memo=memo.deltas)
     est = rows[-1][1]
     for plugin in plugins:
         if host.implements(plugin, "memwise_estimate_memory"):
-            slowdown *= plugin.slowdown(ctx)
+            slowdown *= memo.slowdown(plugin, ctx)
     notes += [f"{label.removeprefix('+ ')}: {note}" for label, _, note in rows[1:] if note and note != "no change"]
     largest = state["largest"]
+    shard = memo.sizes_of(model, workload, devices)
     head = model.get_output_embeddings().weight
     tokens, vocab = workload.batch_size * workload.seq_len, model.config.vocab_size
     per_token = 8 if workload.precision == "32-true" else 10
     shape = StepShape(largest_param=largest, loss_grads=per_token * tokens * vocab + _bytes(head, devices),
                       head_activations=memory.logits_activation_bytes(model.config, workload.batch_size,
                                                                       workload.seq_len, workload.precision),
-                      layer_backward=_layer_bytes(model, devices) + _bytes(head, devices)
-                      + 4 * tokens * model.config.hidden_size,
-                      layer_grads=_layer_bytes(model, devices), layers=model.config.num_hidden_layers,
-                      outside_activations=memory.llama_activation_bytes(
-                          model.config, workload.batch_size, workload.seq_len, workload.precision, layers=0),
+                      layer_backward=shard["layer"] + _bytes(head, devices) + 4 * tokens * model.config.hidden_size,
+                      layer_grads=shard["layer"], layers=model.config.num_hidden_layers,
+                      outside_activations=state["outside"],
                       head_grad=_bytes(head, devices))
     if devices > 1:
-        shard = sharded_state(model, devices)
         for cat in ("parameters", "gradients", "optimizer_state"):
             setattr(est, cat, getattr(est, cat) - state[cat] + shard[cat])
-        gathered = 2 * _layer_bytes(model)  # the layer being computed and the next one, prefetched
+        gathered = 2 * state["layer"]  # the layer being computed and the next one, prefetched
         est.temporaries += gathered
         shape.largest_param = math.ceil(largest / devices)
         notes.append(f"fsdp: parameters, gradients and optimizer state / {devices}; temporaries + {gathered:,} B "
@@ -312,8 +357,13 @@ def variants(cls: type) -> list[Any]:
     return out
 
 
+@functools.cache
+def _defaults(cls: type) -> dict:
+    return cls().config_dict()
+
+
 def _changed(plugin: Any) -> dict:
-    default = type(plugin)().config_dict()
+    default = _defaults(type(plugin))
     return {k: v for k, v in plugin.config_dict().items() if default.get(k) != v}
 
 
@@ -326,7 +376,8 @@ def describe(plugin: Any) -> str:
 def combinations(classes: list[type], devices: int) -> list[tuple[list, int]]:
     """Every subset of the plannable plugins (each in each variant) that passes the plan's checks,
     on one device and, when ``devices`` > 1, sharded over all of them."""
-    subsets = [list(itertools.product(*(variants(cls) for cls in subset)))
+    options = {cls: variants(cls) for cls in classes}  # one set of instances, shared by the combinations
+    subsets = [list(itertools.product(*(options[cls] for cls in subset)))
                for r in range(len(classes) + 1) for subset in itertools.combinations(classes, r)]
     out = []
     for plugins in (list(p) for group in subsets for p in group):
@@ -347,10 +398,11 @@ def plan_model(target: Target, budget: int, devices: int = 1) -> tuple[list[Cand
     model = meta_model(target.config)
     workload = Workload(target.batch_size, target.seq_len, target.precision)
     classes, notes = plannable_plugins()
+    memo = PlanMemo()
     rows = []
     for plugins, n in combinations(classes, devices):
         try:
-            cand = estimate(model, plugins, workload, n)
+            cand = estimate(model, plugins, workload, n, memo=memo)
         except Exception as err:  # noqa: BLE001 - a plugin that cannot estimate this model is reported
             notes.append(f"{' + '.join(p.name for p in plugins)}: no estimate ({err})")
             continue

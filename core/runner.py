@@ -59,7 +59,8 @@ class Run:
         self.host = PluginHost(recipe.plugins)
         data = recipe.data
         self.ctx = RunContext(stage=stage, plugins=recipe.plugins, recipe=recipe.resolved, config=recipe.config,
-                              workload=Workload(data.batch_size, data.seq_len, self.cfg.trainer.precision))
+                              workload=Workload(data.batch_size, data.seq_len, self.cfg.trainer.precision),
+                              validation=self.val_batches)
         report = self.cfg.report.dir or f"runs/{self.cfg.name}"
         self.ctx.report_dir = Path(report)
         self.baseline_signature: dict[str, str] = {}

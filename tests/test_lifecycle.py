@@ -193,3 +193,15 @@ def test_memory_figure_shows_baseline_plan_and_measured_with_totals():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_plugins_read_the_runs_validation_batches_from_the_context(micro):
+    """Plugins get validation data through ``ctx.val_batches()``, never through the Lightning module."""
+    from memwise import recipe
+    from memwise.runner import Run
+
+    assert RunContext(stage="fit").val_batches() == []  # callback mode: the user's Trainer holds the data
+    run = Run(recipe.load(micro, ["data.max_documents=60"]), "fit")
+    run.build()
+    batches = run.ctx.val_batches()
+    assert batches and batches is run.val_batches()

@@ -159,3 +159,22 @@ def test_parse_bytes():
     assert planner.parse_bytes("24GiB") == 24 * 2**30
     assert planner.parse_bytes("80 GB") == 80 * 10**9
     assert planner.parse_bytes("1.5MiB") == math.floor(1.5 * 2**20)
+
+
+def test_plan_walks_the_model_once_per_device_count_and_asks_each_plugin_once(monkeypatch):
+    from memwise import host
+
+    walks, asked = [], []
+    sharded_state, estimate_one = planner.sharded_state, host.PluginHost._estimate_one
+    monkeypatch.setattr(planner, "sharded_state",
+                        lambda model, shards: walks.append(shards) or sharded_state(model, shards))
+    monkeypatch.setattr(host.PluginHost, "_estimate_one", lambda self, plugin, ctx, current:
+                        asked.append(plugin.name) or estimate_one(self, plugin, ctx, current))
+    checked = []
+    monkeypatch.setattr(planner, "check_plugin", lambda p: checked.append(id(p)) or host.check_plugin(p))
+    rows, _ = planner.plan_model(planner.load_target(MICRO), budget=2**30, devices=2)
+    assert sorted(walks) == [1, 2]
+    assert len(checked) == len(set(checked)) < len(rows)  # each plugin instance checked once, not per combination
+    # an estimate that does not read the estimate before it holds for every combination
+    assert asked.count("mesa") == 1 and asked.count("checkpointing") == 1
+    assert len(asked) < sum(len(c.plugins) for c in rows) / 2

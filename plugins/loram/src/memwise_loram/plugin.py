@@ -205,12 +205,13 @@ class LoramPlugin(Plugin):
 
             save_pruned(ctx.model, self.index_map, report / "pruned", self.spec, self.nf4_settings())
         base = _base_path(ctx)
-        if self.config.export and self.config.evaluate and base and ctx.module is not None:
+        batches = ctx.val_batches() if self.config.export and self.config.evaluate and base else []
+        if batches:
             import json
 
             from memwise_loram.evaluate import evaluate_recovered
 
-            result = evaluate_recovered(base, report / "adapter", ctx.module.run.val_batches())
+            result = evaluate_recovered(base, report / "adapter", batches)
             (report / "loram_eval.json").write_text(json.dumps(result, indent=1))
             print(f"loram: full base val loss {result['base_val_loss']:.4f}, with the recovered adapter "
                   f"{result['recovered_val_loss']:.4f} ({100 * result['relative_change']:+.1f}%)")
