@@ -314,8 +314,38 @@ def logits_activation_bytes(config: Any, batch: int, seq: int, precision: str = 
     themselves are dropped with the model output when the caller keeps only the loss).
     For a real vocabulary (49,152 on SmolLM2) this is the largest activation of a small
     model; in backward its gradient and the logits' gradient add two more of the same size
-    as temporaries. Checked against MemTracker at vocabulary 32,768 (plugins/chunked_ce tests)."""
+    as temporaries (``logits_temporary_bytes``). Checked against MemTracker at vocabulary 32,768 (plugins/chunked_ce tests)."""
     return batch * seq * 4 * config.vocab_size
+
+
+def logits_temporary_bytes(config: Any, batch: int, seq: int) -> int:
+    """Beyond what forward saved, at the start of backward: the gradients of the fp32 log-softmax
+    and of the fp32 logits, 8 bytes per token and vocabulary entry under autocast too (the bf16
+    logits' gradient comes once the log-softmax's is freed). The planner's loss-side term at the
+    start of backward, and a part of the baseline's temporaries (``loss_temporary_bytes``)."""
+    return 8 * batch * seq * config.vocab_size
+
+
+def head_temporary_bytes(config: Any, batch: int, seq: int, precision: str = "32-true") -> int:
+    """Temporaries of the head's and the embedding's backward, as MemTracker shows them: a tied
+    weight's gradient stays pending until the embedding's backward adds its own part, three
+    weight-sized tensors then (the head's part, the embedding's dense gradient, their sum); an
+    untied head's weight gradient is born beside the logits' fp32 gradient (under autocast beside
+    its own bf16 form instead) and the hidden states' gradient."""
+    weight = 4 * config.vocab_size * config.hidden_size
+    if getattr(config, "tie_word_embeddings", False):
+        return 3 * weight
+    hidden_grad = 4 * batch * seq * config.hidden_size
+    if precision in ("bf16-mixed", "16-mixed"):
+        return weight + weight // 2 + hidden_grad
+    return weight + 4 * batch * seq * config.vocab_size + hidden_grad
+
+
+def loss_temporary_bytes(config: Any, batch: int, seq: int, precision: str = "32-true") -> int:
+    """The baseline's temporaries at their own maximum: the loss side's at the start of backward or
+    the head's later, whichever is larger (on SmolLM2, tied, the head's: three times 108 MiB).
+    Checked against MemTracker in tests/test_memory.py."""
+    return max(logits_temporary_bytes(config, batch, seq), head_temporary_bytes(config, batch, seq, precision))
 
 
 def llama_activation_bytes(config: Any, batch: int, seq: int, precision: str = "32-true",
@@ -342,8 +372,10 @@ def llama_activation_bytes(config: Any, batch: int, seq: int, precision: str = "
 
 def predict_baseline(model: torch.nn.Module, optimizer_state_bytes: int, batch: int, seq: int,
                      precision: str) -> MemoryEstimate:
-    """The baseline's memory: parameters, gradients, optimizer state exact; activations by formula."""
+    """The baseline's memory: parameters, gradients, optimizer state exact; activations and
+    temporaries by formula."""
     config = getattr(model, "config", None)
     activations = llama_activation_bytes(config, batch, seq, precision) if config is not None else 0
+    temporaries = loss_temporary_bytes(config, batch, seq, precision) if config is not None else 0
     return MemoryEstimate(parameters=parameter_bytes(model), gradients=trainable_bytes(model),
-                          optimizer_state=optimizer_state_bytes, activations=activations)
+                          optimizer_state=optimizer_state_bytes, activations=activations, temporaries=temporaries)

@@ -192,9 +192,12 @@ class StepShape:
     """torch AdamW's single-tensor step holds two temporaries of one parameter's size (the square
     root of the second moment and its quotient)"""
     loss_grads: int
-    """at the start of backward: the gradients of the log-softmax and of the fp32 logits (and, under
-    autocast, of the bf16 logits), and the head's gradient; the saved activations count only the
+    """at the start of backward: the gradients of the log-softmax and of the fp32 logits
+    (memory.logits_temporary_bytes), and the head's gradient; the saved activations count only the
     log-softmax (memory.logits_activation_bytes)"""
+    temporaries: int
+    """the baseline's temporaries (memory.loss_temporary_bytes): what plugins add beyond them is
+    recomputation in backward"""
     head_activations: int
     """what forward saved for the loss (the log-softmax), freed once backward has passed the head"""
     layer_backward: int
@@ -213,7 +216,7 @@ def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
 
     Parameters and optimizer state live all step. The peak is either at the start of
     backward (everything forward saved, plus ``loss_grads``), or, when plugins recompute
-    in backward (temporaries), during a layer's recompute: the head's activations are
+    in backward (temporaries beyond the baseline's), during a layer's recompute: the head's activations are
     freed by then; going down the layers each step frees what one layer kept and adds its
     gradients, so the first layer is the worst when gradients outweigh what a layer keeps,
     the last one otherwise; or inside a layer whose backward unpacks its saved inputs
@@ -226,8 +229,9 @@ def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
     kept = max(est.activations - shape.outside_activations, 0) // max(shape.layers, 1)
     walk = max(0, (shape.layers - 1) * (shape.layer_grads - kept))
     backward = shape.loss_grads
-    if est.temporaries:
-        backward = max(backward, est.temporaries - shape.head_activations + shape.layer_backward + walk)
+    recompute = est.temporaries - shape.temporaries
+    if recompute > 0:
+        backward = max(backward, recompute - shape.head_activations + shape.layer_backward + walk)
     if est.layer_backward:
         backward = max(backward, est.layer_backward - shape.head_activations + shape.head_grad + walk)
     backward = max(backward, est.layer_forward - shape.head_activations)
@@ -309,8 +313,11 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
                      config=memo.config(optimizer))
     ctx.model = model
     state = memo.sizes_of(model, workload, 1)
+    batch, seq, precision = workload.batch_size, workload.seq_len, workload.precision
+    base_temporaries = memory.loss_temporary_bytes(model.config, batch, seq, precision)
     est = MemoryEstimate(parameters=state["parameters"], gradients=state["gradients"],
-                         optimizer_state=state["optimizer_state"], activations=state["activations"])
+                         optimizer_state=state["optimizer_state"], activations=state["activations"],
+                         temporaries=base_temporaries)
     notes = []
     slowdown = 1.0
     host = memo.host(plugins)
@@ -323,11 +330,11 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
     largest = state["largest"]
     shard = memo.sizes_of(model, workload, devices)
     head = model.get_output_embeddings().weight
-    tokens, vocab = workload.batch_size * workload.seq_len, model.config.vocab_size
-    per_token = 8 if workload.precision == "32-true" else 10
-    shape = StepShape(largest_param=largest, loss_grads=per_token * tokens * vocab + _bytes(head, devices),
-                      head_activations=memory.logits_activation_bytes(model.config, workload.batch_size,
-                                                                      workload.seq_len, workload.precision),
+    tokens = batch * seq
+    shape = StepShape(largest_param=largest,
+                      loss_grads=memory.logits_temporary_bytes(model.config, batch, seq) + _bytes(head, devices),
+                      temporaries=base_temporaries,
+                      head_activations=memory.logits_activation_bytes(model.config, batch, seq, precision),
                       layer_backward=shard["layer"] + _bytes(head, devices) + 4 * tokens * model.config.hidden_size,
                       layer_grads=shard["layer"], layers=model.config.num_hidden_layers,
                       outside_activations=state["outside"],

@@ -69,3 +69,28 @@ def test_checkpointing_cuts_small_activations_tenfold(small, small_checkpointed)
     check_prediction(*small_checkpointed)
     # recomputation is short-lived: it shows as temporaries, not as saved activations
     assert small_checkpointed[1].category_max["temporaries"] > small[1].category_max["temporaries"]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("hidden, tied", [(64, False), (64, True), (256, False), (256, True)])
+def test_baseline_temporaries_within_5_percent_at_32k_vocab(hidden, tied, precision):
+    """The logits' gradients dominate at hidden 64, the head's or the tied embedding's at 256."""
+    import torch
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memwise.memory import measure_step, predict_baseline
+
+    batch, seq = (4, 64) if hidden == 64 else (1, 64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=128, vocab_size=32768,
+                                         tie_word_embeddings=tied))
+    ids = torch.randint(0, 260, (batch, seq))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else None
+    report = measure_step(model, optimizer, lambda: model(input_ids=ids, labels=ids).loss,
+                          **({"context": autocast} if autocast else {}))
+    predicted = predict_baseline(model, 0, batch, seq, precision).temporaries
+    measured = report.category_max["temporaries"]
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)

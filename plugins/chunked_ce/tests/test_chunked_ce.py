@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import memwise
 from memwise_chunked_ce.measure import head_loss_peaks
-from memwise.memory import llama_activation_bytes, logits_activation_bytes, measure_step
+from memwise.memory import llama_activation_bytes, logits_activation_bytes, loss_temporary_bytes, measure_step
 from memwise_chunked_ce import (ChunkedCEPlugin, apply_chunked_ce, auto_chunk_size, chunked_linear_cross_entropy,
                                 remove_chunked_ce)
 
@@ -165,6 +165,11 @@ def test_model_memory_and_core_logits_term_at_32k_vocab(precision):
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
     assert measured * 4 <= measured_base
     assert chunked.peak_total < base.peak_total
+    # temporaries at their own maximum: the logits' gradients without chunks, the tied weight's with them
+    temporaries = loss_temporary_bytes(base_model.config, batch, seq, precision)
+    for predicted, report in ((temporaries, base), (temporaries + delta.temporaries, chunked)):
+        measured = report.category_max["temporaries"]
+        assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
 
 
 def test_plugin_config_validation_and_claims():

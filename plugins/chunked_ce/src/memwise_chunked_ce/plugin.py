@@ -53,7 +53,7 @@ class ChunkedCEPlugin(memwise.Plugin):
 
     @memwise.hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
-        from memwise.memory import logits_activation_bytes
+        from memwise.memory import logits_activation_bytes, loss_temporary_bytes
 
         from memwise_chunked_ce.function import auto_chunk_size
 
@@ -64,8 +64,23 @@ class ChunkedCEPlugin(memwise.Plugin):
         logits = logits_activation_bytes(config, w.batch_size, w.seq_len, w.precision)
         # instead of the fp32 log-softmax: one fp32 log-sum-exp per token; in backward one chunk of
         # fp32 logits turned into their gradient, plus its copy in the compute dtype under autocast
-        per_row = 4 + (w.activation_dtype.itemsize if "mixed" in w.precision else 0)
-        return MemoryDelta(activations=-logits + 4 * tokens, temporaries=chunk * config.vocab_size * per_row,
+        mixed = "mixed" in w.precision
+        per_row = 4 + (w.activation_dtype.itemsize if mixed else 0)
+        chunk_grads = chunk * config.vocab_size * per_row
+        # the head's weight gradient: a tied one pending until the embedding's backward adds its part
+        # (three weight-sized tensors, as without chunks); an untied one summed chunk by chunk: the sum
+        # and one chunk's fp32 product beside that chunk's gradient (under autocast the product in the
+        # compute dtype too, beside the gradient's copy in it)
+        weight = 4 * config.vocab_size * config.hidden_size
+        if getattr(config, "tie_word_embeddings", False):
+            head = 3 * weight
+        elif mixed:
+            head = 2 * weight + weight * w.activation_dtype.itemsize // 4 \
+                + chunk * config.vocab_size * w.activation_dtype.itemsize
+        else:
+            head = 2 * weight + chunk_grads
+        temporaries = max(chunk_grads, head) - loss_temporary_bytes(config, w.batch_size, w.seq_len, w.precision)
+        return MemoryDelta(activations=-logits + 4 * tokens, temporaries=temporaries,
                            note=f"logits never materialized; {chunk} tokens per chunk")
 
     @memwise.hookimpl
