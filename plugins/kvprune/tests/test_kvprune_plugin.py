@@ -176,8 +176,8 @@ def test_int4_rows_round_to_the_nearest_code_and_widen_to_decode(width, group):
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 10, width) * torch.logspace(-3, 2, 10)[:, None]
-    rows = Int4Rows.encode(x, group)
     g = groups_of(width, group)
+    rows = Int4Rows.encode(x, g)
     xg = x.reshape(2, 3, 10, g, -1)
     exact = xg.abs().amax(-1, keepdim=True) / 7
     scale = exact.to(torch.bfloat16).float()
@@ -191,7 +191,7 @@ def test_int4_rows_round_to_the_nearest_code_and_widen_to_decode(width, group):
     wide, s = rows.widen(torch.float32)
     assert (s is None) == (g > 1)
     torch.testing.assert_close(wide if s is None else wide * s[..., None], want, rtol=0, atol=0)
-    both = rows.cat(Int4Rows.encode(x[:, :, :3], group))
+    both = rows.cat(Int4Rows.encode(x[:, :, :3], g))
     torch.testing.assert_close(both.decode(torch.float32), torch.cat([want, want[:, :, :3]], dim=-2), rtol=0, atol=0)
 
 

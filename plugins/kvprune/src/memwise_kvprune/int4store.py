@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from memwise_kvprune.rows import BF16_TINY, QuantRows, bf16_ceil
-from memwise_kvprune.specs import groups_of
 
 LEVELS = 7  # codes -7..7, stored offset by 8 (a nibble 1..15; 8 is zero)
 
@@ -25,12 +24,12 @@ class Int4Rows(QuantRows):
     width: int = 0
 
     @classmethod
-    def encode(cls, x: torch.Tensor, group: int) -> Int4Rows:
-        """Round ``x / scale`` to the nearest code; each group's scale is its absolute maximum / 7,
-        rounded up to bf16 so no code overflows."""
+    def encode(cls, x: torch.Tensor, groups: int) -> Int4Rows:
+        """Round ``x / scale`` to the nearest code, ``groups`` equal scale groups a row; each group's scale
+        is its absolute maximum / 7, rounded up to bf16 so no code overflows."""
         x32 = x.float()
         *lead, t, width = x32.shape
-        grouped = x32.reshape(*lead, t, groups_of(width, group), -1)
+        grouped = x32.reshape(*lead, t, groups, -1)
         scale = bf16_ceil(grouped.abs().amax(dim=-1, keepdim=True).div_(LEVELS).clamp_(min=BF16_TINY))
         codes = grouped.div(scale).round_().add_(LEVELS + 1).to(torch.uint8).reshape(*lead, t, width)
         if width % 2:

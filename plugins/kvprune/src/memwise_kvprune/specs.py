@@ -97,7 +97,7 @@ class Int4:
     def encode(self, x: Any) -> Any:
         from memwise_kvprune.int4store import Int4Rows
 
-        return Int4Rows.encode(x, self.group)
+        return Int4Rows.encode(x, groups_of(x.shape[-1], self.group))
 
     def row_bytes(self, width: int) -> int:
         """Two elements a byte plus one bf16 scale per group."""
