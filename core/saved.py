@@ -124,6 +124,20 @@ def linear_param_grads(grad: torch.Tensor, x: torch.Tensor | None, need_w: bool,
     return grad_w, grad_b
 
 
+def _keep(ctx: Any, weight: torch.Tensor, bias: torch.Tensor | None, packed: Any, dtype: Any) -> None:
+    """What a saved linear keeps: its packed input(s) and their dtype(s), whether it has a bias, and the
+    weight (through ``save_for_backward``, so autograd checks it was not changed in place)."""
+    ctx.packed, ctx.dtype, ctx.has_bias = packed, dtype, bias is not None
+    ctx.save_for_backward(weight)
+
+
+def _release(ctx: Any) -> tuple[torch.Tensor, Any, Any]:
+    """The weight, the packed input(s) and their dtype(s); ``ctx`` lets go of the packed bytes at once."""
+    (weight,) = ctx.saved_tensors
+    packed, ctx.packed = ctx.packed, None
+    return weight, packed, ctx.dtype
+
+
 class SavedLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` keeping ``codec.pack(x)`` (only when the weight needs a gradient).
 
@@ -137,22 +151,18 @@ class SavedLinear(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(x.device.type)
         out = F.linear(x if autocast else x.to(weight.dtype), weight, bias)
         ctx.codec, ctx.grad_codec = codec, grad_codec
-        ctx.packed = codec.pack(x) if ctx.needs_input_grad[1] else None
-        ctx.x_dtype = x.dtype
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight)
+        _keep(ctx, weight, bias, codec.pack(x) if ctx.needs_input_grad[1] else None, x.dtype)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        (weight,) = ctx.saved_tensors
+        weight, packed, x_dtype = _release(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.grad_codec is not None:
             grad = ctx.grad_codec.unpack(ctx.grad_codec.pack(grad), grad.dtype)
-        grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype) if need_x else None
-        x_hat = ctx.codec.unpack(ctx.packed, grad.dtype) if need_w else None
+        grad_x = (grad @ weight.to(grad.dtype)).to(x_dtype) if need_x else None
+        x_hat = ctx.codec.unpack(packed, grad.dtype) if need_w else None
         grad_w, grad_b = linear_param_grads(grad, x_hat, need_w, ctx.has_bias and need_b)
-        ctx.packed = None
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -169,19 +179,15 @@ class SavedGatedLinear(torch.autograd.Function):
                 bias: torch.Tensor | None, act: Callable, codecs: Sequence[Codec]) -> torch.Tensor:
         out = F.linear(act(g) * u, weight, bias)
         ctx.act, ctx.codecs = act, codecs
-        ctx.packed = [codecs[0].pack(g), codecs[1].pack(u)]
-        ctx.dtypes = (g.dtype, u.dtype)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight)
+        _keep(ctx, weight, bias, [codecs[0].pack(g), codecs[1].pack(u)], (g.dtype, u.dtype))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        (weight,) = ctx.saved_tensors
+        weight, packed, dtypes = _release(ctx)
         need_g, need_u, need_w, need_b = ctx.needs_input_grad[:4]
         g, u = (c.unpack(p, dt).requires_grad_(n)
-                for c, p, dt, n in zip(ctx.codecs, ctx.packed, ctx.dtypes, (need_g, need_u)))
-        ctx.packed = None
+                for c, p, dt, n in zip(ctx.codecs, packed, dtypes, (need_g, need_u)))
         with torch.enable_grad():
             h = ctx.act(g) * u
         grad_w, grad_b = linear_param_grads(grad, h.detach(), need_w, ctx.has_bias and need_b)
