@@ -17,7 +17,7 @@ BF16_TINY = torch.finfo(torch.bfloat16).tiny
 
 
 def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
-    """The smallest bfloat16 value >= ``x`` (positive, finite fp32), as fp32: round the low 16 bits up.
+    """The smallest bfloat16 value >= ``x`` (positive, finite fp32), as fp32, in place: round the low 16 bits up.
 
     Scales rounded up never push a scaled element past the format's largest code.
     """
