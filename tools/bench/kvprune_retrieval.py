@@ -185,9 +185,9 @@ class FanOutCache(Cache):
 
 
 def setting(name: str) -> dict:
-    """``full``, ``think0.5``, ``snapkv0.3`` (budget kept), ``streaming0.5``, ``fp8``, ``int4[gN]`` (groups of 32 unless N), joined with ``+``;
-    suffixes set options: ``think0.5w0`` ThinK's full-width window, ``snapkv0.5s0k15o64`` the eviction's
-    sinks, pooling kernel and observation window."""
+    """``full``, ``think0.5``, ``snapkv0.3`` (budget kept), ``streaming0.5``, ``fp8``, ``int4[gN]`` (groups
+    of 32 unless N), joined with ``+``; suffixes set options: ``think0.5w32`` ThinK's full-width window,
+    ``snapkv0.5s0k15o64`` the eviction's sinks, pooling kernel and observation window."""
     spec: dict = {}
     for part in name.split("+"):
         if part == "full":
