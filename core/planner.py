@@ -321,6 +321,9 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
     notes = []
     slowdown = 1.0
     host = memo.host(plugins)
+    problems = host.validate(ctx)
+    if problems:  # what `memwise run` would refuse (e.g. the same layers checkpointed and offloaded)
+        raise RecipeError(problems, source="plan")
     rows = host.estimate(ctx, est, memo=memo.deltas)
     est = rows[-1][1]
     for plugin in plugins:
@@ -406,16 +409,21 @@ def plan_model(target: Target, budget: int, devices: int = 1) -> tuple[list[Cand
     workload = Workload(target.batch_size, target.seq_len, target.precision)
     classes, notes = plannable_plugins()
     memo = PlanMemo()
-    rows = []
+    rows, refused = [], []
     for plugins, n in combinations(classes, devices):
         try:
             cand = estimate(model, plugins, workload, n, memo=memo)
+        except RecipeError as err:
+            refused.append(f"{' + '.join(p.name for p in plugins)}: {err.problems[0].key}: {err.problems[0].message}")
+            continue
         except Exception as err:  # noqa: BLE001 - a plugin that cannot estimate this model is reported
             notes.append(f"{' + '.join(p.name for p in plugins)}: no estimate ({err})")
             continue
         cand.fits = cand.peak <= budget
         rows.append(cand)
     rows.sort(key=lambda c: (not c.fits, c.slowdown if c.fits else c.peak, c.peak))
+    if refused:
+        notes.append(f"{len(refused)} combination(s) refused by validation, e.g. {refused[0]}")
     return rows, notes
 
 

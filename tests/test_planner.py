@@ -111,8 +111,10 @@ def test_llama_31_tables_match_closed_form(name, dims, billions):
     assert base.estimate.activations == activations
     # gradients of the log-softmax and the fp32 logits (the bf16 logits' comes later), and the head's gradient
     loss_grads = 8 * tokens * vocab + 4 * vocab * h
-    # the logits' gradients outweigh the head's weight gradient and its bf16 form (untied)
-    assert base.estimate.temporaries == 8 * tokens * vocab > 6 * vocab * h + 4 * tokens * h
+    # the larger of the logits' gradients and the head weight's gradient with its bf16 form (untied: 1.5x
+    # the fp32 weight) beside the hidden states' gradient: the logits' at 8B, the head's at 70B
+    temporaries = max(8 * tokens * vocab, 6 * vocab * h + 4 * tokens * h)
+    assert base.estimate.temporaries == temporaries
     assert base.peak == 4 * n + buffers + 8 * n + 4 * tensors + max(activations + loss_grads, 4 * n + 2 * 4 * vocab * h)
     # every dimension divides by 8: each rank holds exactly an eighth of the sharded state
     assert fsdp.estimate.gradients * 8 == 4 * n
@@ -120,7 +122,7 @@ def test_llama_31_tables_match_closed_form(name, dims, billions):
     assert fsdp.estimate.optimizer_state == n + 4 * tensors
     assert fsdp.estimate.activations == activations
     layer = 4 * (n - 2 * vocab * h - h) // layers
-    assert fsdp.estimate.temporaries == 8 * tokens * vocab + 2 * layer
+    assert fsdp.estimate.temporaries == temporaries + 2 * layer
     assert not base.fits and rows.index(base) > rows.index(fsdp)
 
 

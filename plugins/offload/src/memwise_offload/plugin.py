@@ -72,13 +72,17 @@ class OffloadPlugin(memwise.Plugin):
 
     @memwise.hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
-        from memwise.memory import llama_layer_activation_bytes
+        from memwise.memory import llama_activation_bytes, llama_layer_activation_bytes
 
         w, config = ctx.workload, ctx.model.config
         n = len(self._indices(ctx.model))
         rows = w.batch_size
         share = min(rows, max(0, round(self.config.fraction * rows))) / rows
         layer = llama_layer_activation_bytes(config, w.batch_size, w.seq_len, w.precision)
+        if estimate is not None:  # what the layers still save after the plugins before (Mesa's packed bytes)
+            outside = llama_activation_bytes(config, w.batch_size, w.seq_len, w.precision, layers=0)
+            layers = len(select_layers(ctx.model))
+            layer = min(layer, max(0, estimate.activations - outside) // layers)
         kept_input = (1 - share) * w.batch_size * w.seq_len * config.hidden_size * 4
         window = min(n, self.config.prefetch + 1)
         return MemoryDelta(activations=int(-n * layer + n * kept_input), host=int(n * share * layer),
