@@ -30,6 +30,7 @@ PLUGINS = {
     "coat": ("{use: coat, with: {optimizer: false}}", {"phi3", "gpt2"}),
     "loram": ("{use: loram, with: {ratio: 0.5, rank: 4}}", {"phi3", "gpt2"}),
 }
+LORAM = [t for t in TYPES if t not in PLUGINS["loram"][1]]
 
 
 
@@ -170,6 +171,76 @@ def test_functional_apis_refuse_what_they_cannot_convert_whole(model_type):
                                                           f"'{model_type}'"):
             convert(model)
     assert [type(m) for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("model_type", LORAM)
+def test_loram_prunes_adapts_recovers_and_merges(tmp_path, model_type):
+    """Prune (GQA groups whole), train LoRA on the pruned model, recover it: the full model with the recovered
+    adapter merged, pruned again by the same index map, equals the pruned model with its adapter merged; the
+    frozen-base bytes equal the closed form; PEFT loads the export into the full model with our merged logits."""
+    import copy
+
+    from memwise_loram import LoraSpec, adapter_state, apply_loram, export_recovered, inject_lora, merge_lora, recover
+    from memwise_loram.counts import base_storage, layer_shapes
+    from memwise_loram.structured import shrink_layer
+
+    full = tiny(model_type).eval()
+    pruned = copy.deepcopy(full).train()
+    spec = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
+    imap, adapted = apply_loram(pruned, "l2", 0.5, "all", spec)
+    geo = architectures.for_model(full).geometry(full.config)
+    assert len(adapted) == 7 * geo.layers
+    for _, layer in architectures.decoder_layers(pruned):
+        q, k = (layer.get_submodule(imap.paths[r]).base_layer.out_features for r in ("q", "k"))
+        assert (k // geo.head_dim, q // geo.head_dim) == (1, 2)  # one KV head of two kept with its 2 query heads
+    for name in architectures.get(model_type).qk_norms:  # per-head norms act on head_dim: untouched
+        assert layer.get_submodule(f"{architectures.get(model_type).attention}.{name}").weight.shape == (geo.head_dim,)
+    frozen = sum(p.numel() * p.element_size() for n, p in pruned.named_parameters() if ".lora_" not in n)
+    assert frozen == base_storage(full.config, layer_shapes(full.config, 0.5, "all"), 4)["bytes"]
+    opt = torch.optim.AdamW([p for p in pruned.parameters() if p.requires_grad], lr=1e-2)
+    batch = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        pruned(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    recovered = recover(adapter_state(pruned), imap)
+    merged = copy.deepcopy(full)
+    inject_lora(merged, spec, freeze=False)
+    assert not merged.load_state_dict(recovered, strict=False).unexpected_keys
+    merge_lora(merged)
+    merge_lora(pruned.eval())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        moved = (merged(input_ids=ids).logits - full(input_ids=ids).logits).abs().max()
+        for i, (_, layer) in enumerate(architectures.decoder_layers(merged)):
+            shrink_layer(layer, i, imap)
+        torch.testing.assert_close(merged(input_ids=ids).logits, pruned(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert moved > 1e-3
+    peft = pytest.importorskip("peft")
+    trained = copy.deepcopy(full).train()
+    imap, _ = apply_loram(trained, "l2", 0.5, "all", spec)
+    for m in trained.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    folder = export_recovered(trained, imap, spec, tmp_path / "adapter")
+    ours = copy.deepcopy(full)
+    inject_lora(ours, spec, freeze=False)
+    ours.load_state_dict(recover(adapter_state(trained), imap), strict=False)
+    merge_lora(ours)
+    with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(full), str(folder)).eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_loram_refusal_names_the_architecture_and_the_supported_ones():
+    from memwise_loram.layout import projection_names
+
+    for model_type in PLUGINS["loram"][1]:
+        with pytest.raises(UnsupportedArchitecture) as err:
+            projection_names(tiny(model_type))
+        message = str(err.value)
+        assert f"plugin 'loram' cannot convert architecture '{model_type}'" in message
+        assert message.endswith(f"Architectures it supports: {', '.join(sorted(LORAM))}")
 
 
 def test_builder_loads_a_folder_of_its_architecture_and_refuses_another(tmp_path):

@@ -1,6 +1,7 @@
 """Memory prediction against MemTracker for every architecture adapter, baseline and each plugin.
 
     python tools/bench/architectures.py [--layers 4] [--hidden 128] [--seq-len 128] [--batch-size 4]
+        [--plugins loram] [--types llama,gemma2]
 
 Each cell: predicted / measured saved activations (MemTracker headline, fp32, one probe step
 of a random model built by the architecture's builder); parameters, gradients and optimizer
@@ -59,13 +60,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--plugins", default=",".join(PLUGINS), help="columns to measure (comma-separated)")
+    parser.add_argument("--types", default=",".join(TYPES), help="architectures to measure (comma-separated)")
     args = parser.parse_args()
+    columns = {name: PLUGINS[name] for name in args.plugins.split(",")}
     print(f"machine: {machine()}\n")
-    print("| architecture | " + " | ".join(PLUGINS) + " |")
-    print("|---" * (len(PLUGINS) + 1) + "|")
+    print("| architecture | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     with tempfile.TemporaryDirectory() as tmp:
-        for model_type in TYPES:
-            cells = [cell(Path(tmp), model_type, plugins, args) for plugins in PLUGINS.values()]
+        for model_type in args.types.split(","):
+            cells = [cell(Path(tmp), model_type, plugins, args) for plugins in columns.values()]
             print(f"| {model_type} | " + " | ".join(cells) + " |", flush=True)
 
 

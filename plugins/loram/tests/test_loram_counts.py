@@ -13,7 +13,7 @@ PAPER_FULL = 70_553_706_496
 def _meta_count(cfg, ratio, layers):
     geo = Geometry.of(cfg)
     kv, ch = kept_counts(geo, ratio)
-    imap = IndexMap("random", ratio, geo, {i: LayerKeep(list(range(kv)), list(range(ch))) for i in layers})
+    imap = IndexMap.for_config("random", ratio, cfg, {i: LayerKeep(list(range(kv)), list(range(ch))) for i in layers})
     model = rebuild(cfg, imap, "meta")
     return sum(p.numel() for p in model.parameters())
 

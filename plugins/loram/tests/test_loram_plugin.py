@@ -27,9 +27,9 @@ def test_metadata():
 
 def test_bad_config_reports_every_problem():
     with pytest.raises(RecipeError) as err:
-        LoramPlugin(ratio=1.5, rank=0, targets=["qproj"], layers="x-")
+        LoramPlugin(ratio=1.5, rank=0, layers="x-")
     keys = {p.key for p in err.value.problems}
-    assert {"loram.ratio", "loram.rank", "loram.targets", "loram.layers"} <= keys
+    assert {"loram.ratio", "loram.rank", "loram.layers"} <= keys
     with pytest.raises(RecipeError, match="did you mean"):
         LoramPlugin(methd="l2")
     with pytest.raises(RecipeError, match="2:4 always prunes one half"):
@@ -37,9 +37,10 @@ def test_bad_config_reports_every_problem():
 
 
 def test_validate_against_the_model():
-    plugin = LoramPlugin(layers="1-5", method="taylor")
+    plugin = LoramPlugin(layers="1-5", method="taylor", targets=["q_proj", "qproj"])
     problems = plugin.memwise_validate(ctx=RunContext(stage="fit", model=tiny()))
-    assert {p.key for p in problems} == {"loram.layers", "loram.method"}
+    assert {p.key for p in problems} == {"loram.layers", "loram.method", "loram.targets"}
+    assert "'qproj'" in next(p.message for p in problems if p.key == "loram.targets")
     assert LoramPlugin().memwise_validate(ctx=RunContext(stage="fit", model=tiny())) == []
 
 

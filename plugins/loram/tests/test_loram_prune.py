@@ -106,7 +106,7 @@ def test_wanda_uses_activation_norms():
     norms = {}
     from memwise_loram.importance import input_norms
 
-    norms = input_norms(model, [0], [ids(2)])[0]["down_proj"]
+    norms = input_norms(model, [0], [ids(2)], IndexMap.for_config("l2", 0.5, model.config).paths)[0]["mlp.down_proj"]
     prune(model, "wanda", 0.25, layers=[0], calibration=[ids(2)])
     kept = (lin.weight[0] != 0)
     # equal weights: the dropped columns are those with the smallest input norms

@@ -101,7 +101,8 @@ def test_pruned_model_save_reload_identical_logits(tmp_path):
     spec = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
     save_pruned(pruned, imap, tmp_path, spec)
     again, imap2, spec2 = load_pruned(tmp_path)
-    assert imap2.to_dict() == imap.to_dict() and spec2 == spec
+    assert imap2.to_dict() == imap.to_dict() and spec2 == spec.for_model(pruned)
+    assert spec2.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     x = ids()
     with torch.no_grad():
         assert torch.equal(again.eval()(input_ids=x).logits, pruned(input_ids=x).logits)

@@ -8,7 +8,8 @@ from pathlib import Path
 from torch import nn
 
 from memwise_loram.index_map import IndexMap
-from memwise_loram.lora import ALL_TARGETS, LoraSpec, adapter_state, inject_lora
+from memwise_loram.layout import projection_names
+from memwise_loram.lora import LoraSpec, adapter_state, inject_lora
 from memwise_loram.peft_format import write_peft
 from memwise_loram.prune import prune
 from memwise_loram.recovery import recover
@@ -33,7 +34,7 @@ def apply_loram(model: nn.Module, method: str = "l2", ratio: float = 0.5, layers
     if nf4:
         from memwise_loram.nf4_linear import quantize_model
 
-        quantize_model(model, ALL_TARGETS, **nf4)
+        quantize_model(model, projection_names(model), **nf4)
     names = inject_lora(model, spec)
     return imap, names
 
@@ -41,4 +42,4 @@ def apply_loram(model: nn.Module, method: str = "l2", ratio: float = 0.5, layers
 def export_recovered(model: nn.Module, imap: IndexMap, spec: LoraSpec, folder: str | Path,
                      base_model: str | None = None) -> Path:
     """Recover the adapters of a pruned model to the full shapes and write them as a PEFT folder."""
-    return write_peft(recover(adapter_state(model), imap), spec, folder, imap, base_model)
+    return write_peft(recover(adapter_state(model), imap), spec.for_model(model), folder, imap, base_model)

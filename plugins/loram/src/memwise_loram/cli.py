@@ -80,9 +80,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_save_base(args: argparse.Namespace) -> int:
-    """Rebuild the HF model from the checkpoint's manifest and weights; save_pretrained it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Rebuild the HF model (the recipe's builder's architecture) from the checkpoint's manifest and weights;
+    save_pretrained it."""
+    import transformers
 
+    from memwise import architectures
     from memwise.checkpoint import safe_load
     from memwise.errors import MemwiseError
 
@@ -90,10 +92,11 @@ def cmd_save_base(args: argparse.Namespace) -> int:
     recipe = ckpt.get("memwise", {}).get("manifest", {}).get("recipe", {})
     if any(p.get("use") == "loram" for p in recipe.get("plugins", []) or []):
         raise MemwiseError("this checkpoint is of a LoRAM run (pruned); use 'memwise loram export' for its adapter")
+    adapter = architectures.get(str((recipe.get("model") or {}).get("builder") or "llama"))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     fields = dict((recipe.get("model") or {}).get("config") or {})
-    fields.update(vocab_size=state["model.embed_tokens.weight"].shape[0], pad_token_id=None)
-    model = LlamaForCausalLM(LlamaConfig(**fields))
+    fields.update(vocab_size=state[f"{adapter.backbone}.{adapter.embed}.weight"].shape[0], pad_token_id=None)
+    model = getattr(transformers, adapter.model_class)(getattr(transformers, adapter.config_class)(**fields))
     model.load_state_dict(state)
     model.save_pretrained(args.out)
     print(f"wrote {sum(p.numel() for p in model.parameters()):,} parameters to {args.out}")

@@ -1,4 +1,4 @@
-"""Closed-form parameter counts and storage bytes of pruned (and NF4) Llama models.
+"""Closed-form parameter counts and storage bytes of pruned (and NF4) models.
 
 Used by the memory estimate, the benchmark and the LLaMA-3.1-70B shape check: the
 counts follow from the config and the kept head/channel numbers alone, no weights needed.
@@ -12,6 +12,7 @@ from typing import Any
 from memwise import architectures
 from memwise.surgery import layer_indices
 from memwise_loram.index_map import Geometry, kept_counts
+from memwise_loram.layout import loram_architecture, projection_paths
 from memwise_loram.nf4 import nf4_nbytes
 
 
@@ -25,22 +26,21 @@ def layer_shapes(config: Any, ratio: float, layers: str | Iterable[int] | None) 
 
 
 def layer_linears(config: Any, kv_heads: int, channels: int) -> dict[str, tuple[int, int]]:
-    """(in, out) of each projection of a layer with ``kv_heads`` KV heads and ``channels`` MLP channels."""
-    geo = Geometry.of(config)
-    h, hd = geo.hidden_size, geo.head_dim
-    q = kv_heads * geo.group * hd
-    return {"q_proj": (h, q), "k_proj": (h, kv_heads * hd), "v_proj": (h, kv_heads * hd), "o_proj": (q, h),
-            "gate_proj": (h, channels), "up_proj": (h, channels), "down_proj": (channels, h)}
+    """(in, out) of each projection (by the architecture's name, ``q_proj``) of a layer with ``kv_heads`` KV heads
+    and ``channels`` MLP channels."""
+    shapes = Geometry.of(config).shapes(kv_heads, channels)
+    return {path.rsplit(".", 1)[-1]: shapes[role] for role, path in projection_paths(loram_architecture(config)).items()}
 
 
-def _biases(config: Any, shapes: dict[str, tuple[int, int]]) -> int:
+def _biases(config: Any, kv_heads: int, channels: int) -> int:
+    shapes = Geometry.of(config).shapes(kv_heads, channels)
     n = 0
     if getattr(config, "attention_bias", False):
-        n += sum(shapes[m][1] for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    elif getattr(config, "model_type", None) and architectures.for_config(config).qkv_bias:
-        n += sum(shapes[m][1] for m in ("q_proj", "k_proj", "v_proj"))
+        n += sum(shapes[r][1] for r in ("q", "k", "v", "o"))
+    elif architectures.for_config(config).qkv_bias:
+        n += sum(shapes[r][1] for r in ("q", "k", "v"))
     if getattr(config, "mlp_bias", False):
-        n += sum(shapes[m][1] for m in ("gate_proj", "up_proj", "down_proj"))
+        n += sum(shapes[r][1] for r in ("gate", "up", "down"))
     return n
 
 
@@ -52,13 +52,16 @@ def base_storage(config: Any, shapes: list[tuple[int, int]], dtype_bytes: int, n
     ``dtype_bytes``. Returns {"parameters", "bytes"}.
     """
     geo = Geometry.of(config)
+    adapter = architectures.for_config(config)
     h = geo.hidden_size
     tied = getattr(config, "tie_word_embeddings", False)
     other = config.vocab_size * h * (1 if tied else 2) + h  # embeddings, LM head, final norm
     params, nbytes = other, other * dtype_bytes
+    # the layer's norms (two in Llama, four in Gemma2) and the per-head q/k norms (Qwen3), none of them pruned
+    norms = len(adapter.norms) * h + len(adapter.qk_norms) * geo.head_dim
     for kv, ch in shapes:
         lin = layer_linears(config, kv, ch)
-        extra = 2 * h + _biases(config, lin)  # two RMSNorms (+ biases)
+        extra = norms + _biases(config, kv, ch)
         params += extra
         nbytes += extra * dtype_bytes
         for i, o in lin.values():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 
-from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
@@ -20,6 +19,7 @@ from memwise import architectures
 from memwise.memory import MemoryDelta, llama_layer_activation_bytes
 from memwise_loram.counts import base_storage, layer_linears, layer_shapes, lora_parameters
 from memwise_loram.index_map import Geometry
+from memwise_loram.layout import projection_names
 
 STEP_BYTES = 4  # torch AdamW keeps `step` as a float32 scalar tensor per parameter
 
@@ -32,12 +32,13 @@ def loram_delta(model: nn.Module, config: Any, nf4: dict | None, estimate: Any, 
     shapes = layer_shapes(cfg, ratio, config.layers)
     full = base_storage(cfg, layer_shapes(cfg, 0.0, None), dtype_bytes)
     pruned = base_storage(cfg, shapes, dtype_bytes, nf4)
-    adapters = lora_parameters(cfg, shapes, config.rank, config.targets)
-    tensors = 2 * len(set(config.targets)) * cfg.num_hidden_layers
+    targets = list(config.targets) or projection_names(cfg)
+    adapters = lora_parameters(cfg, shapes, config.rank, targets)
+    tensors = 2 * len(set(targets)) * len(shapes)
     lora_bytes = adapters * dtype_bytes
     activations = 0
     if workload is not None:
-        activations = activation_delta(cfg, shapes, config.rank, config.targets, config.dropout, workload)
+        activations = activation_delta(cfg, shapes, config.rank, targets, config.dropout, workload)
     return MemoryDelta(
         parameters=pruned["bytes"] - full["bytes"] + lora_bytes,
         gradients=lora_bytes - estimate.gradients,
@@ -48,13 +49,14 @@ def loram_delta(model: nn.Module, config: Any, nf4: dict | None, estimate: Any, 
     )
 
 
-def _pruned_config(cfg: Any, **sizes: int) -> Any:
-    """The config of one pruned layer: the model's own (its architecture's formula applies), other sizes."""
-    if getattr(cfg, "model_type", None) is None:
-        return SimpleNamespace(**sizes)
+def _pruned_config(cfg: Any, kv_heads: int, channels: int) -> Any:
+    """The config of one pruned layer: the model's own (its architecture's formula applies), fewer heads and channels."""
+    adapter, geo = architectures.for_config(cfg), Geometry.of(cfg)
     layer = copy.copy(cfg)
-    for key, value in sizes.items():
-        setattr(layer, key, value)
+    setattr(layer, adapter.intermediate_field, channels)
+    setattr(layer, adapter.heads_field, kv_heads * geo.group)
+    setattr(layer, adapter.kv_heads_field, kv_heads)
+    layer.head_dim = geo.head_dim
     return layer
 
 
@@ -68,13 +70,12 @@ def activation_delta(cfg: Any, shapes: list[tuple[int, int]], rank: int, targets
     """
     geo = Geometry.of(cfg)
     # a frozen norm's weight needs no normalized input: one hidden vector per norm (Gemma2 has four)
-    norms = len(architectures.for_config(cfg).norms) if getattr(cfg, "model_type", None) else 2
+    norms = len(architectures.for_config(cfg).norms)
     size = workload.activation_dtype.itemsize
     tokens = workload.batch_size * workload.seq_len
     total = 0
     for kv, ch in shapes:
-        layer = _pruned_config(cfg, hidden_size=geo.hidden_size, intermediate_size=ch, head_dim=geo.head_dim,
-                               num_attention_heads=kv * geo.group, num_key_value_heads=kv)
+        layer = _pruned_config(cfg, kv, ch)
         total += llama_layer_activation_bytes(layer, workload.batch_size, workload.seq_len, workload.precision)
         total -= llama_layer_activation_bytes(cfg, workload.batch_size, workload.seq_len, workload.precision)
         per_token = -(1 + norms) * geo.hidden_size * size

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memwise import architectures
+from memwise_loram.layout import loram_architecture, projection_paths
+
 STRUCTURED = ("l2", "taylor", "random")
 MASKING = ("wanda", "2:4")
 METHODS = STRUCTURED + MASKING
@@ -23,7 +26,7 @@ INDEX_MAP_FILE = "loram_index_map.json"
 
 @dataclass
 class Geometry:
-    """The unpruned model's shape, from its HF config."""
+    """The unpruned model's shape, from its HF config (through its architecture adapter's field names)."""
 
     num_layers: int
     hidden_size: int
@@ -34,14 +37,21 @@ class Geometry:
 
     @classmethod
     def of(cls, config: Any) -> Geometry:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.intermediate_size)
+        geo = loram_architecture(config).geometry(config)
+        return cls(geo.layers, geo.hidden, geo.heads, geo.kv_heads, geo.head_dim, geo.intermediate)
 
     @property
     def group(self) -> int:
         """Query heads per KV head (grouped-query attention)."""
         return self.num_attention_heads // self.num_key_value_heads
+
+    def shapes(self, kv_heads: int | None = None, channels: int | None = None) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection role of a layer keeping ``kv_heads`` and ``channels`` (default: all)."""
+        kv = self.num_key_value_heads if kv_heads is None else kv_heads
+        inter = self.intermediate_size if channels is None else channels
+        h, q, k = self.hidden_size, kv * self.group * self.head_dim, kv * self.head_dim
+        return {"q": (h, q), "k": (h, k), "v": (h, k), "o": (q, h), "gate": (h, inter), "up": (h, inter),
+                "down": (inter, h)}
 
 
 @dataclass
@@ -54,12 +64,30 @@ class LayerKeep:
 
 @dataclass
 class IndexMap:
-    """What a pruning kept, per pruned layer; masking methods keep every shape."""
+    """What a pruning kept, per pruned layer; masking methods keep every shape.
+
+    ``paths``: role (q, k, v, o, gate, up, down) -> the projection's path inside a decoder
+    layer, from the architecture adapter, so recovery and reloading need no model.
+    """
 
     method: str
     ratio: float
     geometry: Geometry
     layers: dict[int, LayerKeep] = field(default_factory=dict)
+    paths: dict[str, str] = field(kw_only=True)
+
+    @classmethod
+    def for_config(cls, method: str, ratio: float, config: Any, layers: dict[int, LayerKeep] | None = None) -> IndexMap:
+        """An index map of a model with ``config``: its geometry and projection paths from its adapter."""
+        return cls(method, ratio, Geometry.of(config), dict(layers or {}),
+                   paths=projection_paths(loram_architecture(config)))
+
+    def role(self, module: str) -> str:
+        """The role of a projection given by its name (``q_proj``) or path (``self_attn.q_proj``)."""
+        for role, path in self.paths.items():
+            if module in (path, path.rsplit(".", 1)[-1]):
+                return role
+        raise KeyError(f"'{module}' is none of the pruned projections ({', '.join(self.paths.values())})")
 
     @property
     def structured(self) -> bool:
@@ -74,12 +102,12 @@ class IndexMap:
         """Kept output rows of ``module`` in ``layer`` (None: all rows kept)."""
         if layer not in self.layers or not self.structured:
             return None
-        hd = self.geometry.head_dim
-        if module == "q_proj":
+        hd, role = self.geometry.head_dim, self.role(module)
+        if role == "q":
             return _expand(self.query_heads(layer), hd)
-        if module in ("k_proj", "v_proj"):
+        if role in ("k", "v"):
             return _expand(self.layers[layer].kv_heads, hd)
-        if module in ("gate_proj", "up_proj"):
+        if role in ("gate", "up"):
             return list(self.layers[layer].mlp_channels)
         return None
 
@@ -87,21 +115,24 @@ class IndexMap:
         """Kept input columns of ``module`` in ``layer`` (None: all columns kept)."""
         if layer not in self.layers or not self.structured:
             return None
-        if module == "o_proj":
+        role = self.role(module)
+        if role == "o":
             return _expand(self.query_heads(layer), self.geometry.head_dim)
-        if module == "down_proj":
+        if role == "down":
             return list(self.layers[layer].mlp_channels)
         return None
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "ratio": self.ratio, "geometry": vars(self.geometry).copy(),
+        return {"method": self.method, "ratio": self.ratio, "geometry": vars(self.geometry).copy(), "paths": self.paths,
                 "layers": {str(i): {"kv_heads": k.kv_heads, "mlp_channels": k.mlp_channels}
                            for i, k in sorted(self.layers.items())}}
 
     @classmethod
     def from_dict(cls, data: dict) -> IndexMap:
         layers = {int(i): LayerKeep(list(v["kv_heads"]), list(v["mlp_channels"])) for i, v in data["layers"].items()}
-        return cls(data["method"], float(data["ratio"]), Geometry(**data["geometry"]), layers)
+        # maps written before they recorded the paths come from Llama-layout models
+        paths = data.get("paths") or projection_paths(architectures.get("llama"))
+        return cls(data["method"], float(data["ratio"]), Geometry(**data["geometry"]), layers, paths=dict(paths))
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / INDEX_MAP_FILE

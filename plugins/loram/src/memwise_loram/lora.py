@@ -10,28 +10,35 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from memwise.errors import NoEffectWarning
-
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from memwise_loram.layout import projection_names
 
 
 @dataclass
 class LoraSpec:
-    """Rank, alpha, dropout and target modules of the adapters."""
+    """Rank, alpha, dropout and target modules (projection names, as PEFT's ``target_modules``) of the adapters.
+
+    No targets: the seven projections LoRAM prunes, named by the model's architecture adapter
+    (``for_model``).
+    """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
+    targets: list[str] = field(default_factory=list)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    def for_model(self, model: nn.Module) -> LoraSpec:
+        """This spec with its targets named: the given ones, or every projection of ``model``'s architecture."""
+        return self if self.targets else replace(self, targets=projection_names(model))
 
 
 class LoraLinear(nn.Module):
@@ -83,12 +90,14 @@ def inject_lora(model: nn.Module, spec: LoraSpec, include: Iterable[str] = (), e
                 freeze: bool = True) -> list[str]:
     """Wrap every target projection of ``model`` in a LoraLinear; return the wrapped names.
 
+    Without targets in ``spec``, the targets are the projections of the model's architecture.
     Idempotent (already wrapped modules are left alone). ``include``: only modules whose
     full name starts with one of these prefixes; ``exclude``: skip those prefixes. With
     ``freeze`` every non-adapter parameter gets requires_grad False, so an optimizer
     built from trainable parameters holds the adapters only. Warns (NoEffectWarning)
     when nothing was wrapped.
     """
+    spec = spec.for_model(model)
     include, exclude = tuple(include), tuple(exclude)
     wrapped = []
     for name, module in list(model.named_modules()):

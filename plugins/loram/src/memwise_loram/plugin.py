@@ -9,7 +9,7 @@ import memwise
 from memwise import MemoryDelta, Plugin, Problem, RecipeError, hookimpl, option
 from memwise.surgery import LayerSpec, layer_indices, parse_layers
 from memwise_loram.index_map import IndexMap
-from memwise_loram.lora import ALL_TARGETS, LoraSpec
+from memwise_loram.lora import LoraSpec
 
 Method = Literal["l2", "taylor", "random", "wanda", "2:4"]
 
@@ -46,11 +46,13 @@ class LoramPlugin(Plugin):
         align_steps: int = option(0, "steps of full-parameter training of the pruned model before LoRA (0: none)")
         align_lr: float = option(5.0e-5, "learning rate of the alignment (AdamW, cosine, LM head frozen)")
         align_on: Literal["pystdlib", "train"] = option(
-            "pystdlib", "alignment text: pystdlib (general text, as the paper's pretraining data) or the run's train set")
+            "pystdlib", "alignment text: pystdlib (general text in the run's tokenizer, as the paper's pretraining data) "
+                        "or the run's train set")
         rank: int = option(8, "LoRA rank r")
         alpha: float = option(16.0, "LoRA alpha (update scaled by alpha / r)")
         dropout: float = option(0.05, "dropout on the adapter input")
-        targets: list[str] = option(list(ALL_TARGETS), "projections that get adapters")
+        targets: list[str] = option([], "projections that get adapters, by the architecture's names (q_proj, ...); "
+                                        "empty: all seven (q, k, v, o, gate, up, down)")
         nf4: bool = option(False, "QLoRAM: store the frozen pruned projections in NF4")
         nf4_block: int = option(64, "values per NF4 block (one absmax each)")
         double_quant: bool = option(True, "store the NF4 block absmax values in int8 (double quantization)")
@@ -67,9 +69,6 @@ class LoramPlugin(Plugin):
             problems.append(Problem("loram.rank", f"must be >= 1, got {c.rank}"))
         if not 0.0 <= c.dropout < 1.0:
             problems.append(Problem("loram.dropout", f"must be in [0, 1), got {c.dropout}"))
-        bad = [t for t in c.targets if t not in ALL_TARGETS]
-        if bad or not c.targets:
-            problems.append(Problem("loram.targets", f"unknown or empty targets {bad}; choose from {list(ALL_TARGETS)}"))
         if c.nf4_block < 2 or c.nf4_block % 2:
             problems.append(Problem("loram.nf4_block", f"must be an even number >= 2, got {c.nf4_block}"))
         if c.align_steps < 0 or c.calibration_batches < 0 or c.calibration_batch_size < 1:
@@ -87,6 +86,7 @@ class LoramPlugin(Plugin):
         if problems:
             raise RecipeError(problems)
         self.index_map: IndexMap | None = None
+        self.lora_spec: LoraSpec | None = None  # the spec with the model's projection names, once transformed
 
     @property
     def spec(self) -> LoraSpec:
@@ -104,29 +104,31 @@ class LoramPlugin(Plugin):
         c = self.config
         problems = []
         from memwise.architectures import UnsupportedArchitecture
-        from memwise_loram.prune import check_architecture
+        from memwise_loram.index_map import Geometry
+        from memwise_loram.layout import projection_names
 
         try:
-            check_architecture(ctx.model)
+            names = projection_names(ctx.model)
         except UnsupportedArchitecture as err:
             return [Problem("loram", str(err))]
         config = ctx.model.config
+        bad = [t for t in c.targets if t not in names]
+        if bad:
+            problems.append(Problem("loram.targets", f"unknown targets {bad}; this model's projections are {names}"))
+        num_layers = Geometry.of(config).num_layers
         try:
-            layer_indices(c.layers, config.num_hidden_layers)
+            layer_indices(c.layers, num_layers)
         except ValueError as exc:
-            problems.append(Problem("loram.layers", f"{exc}; the model has {config.num_hidden_layers} layers"))
+            problems.append(Problem("loram.layers", f"{exc}; the model has {num_layers} layers"))
         needs_data = (c.method == "taylor" and c.calibration_batches > 0) or (c.align_steps > 0 and c.align_on == "train")
-        tokenizer = ctx.tokenizer or getattr(ctx.corpus, "tokenizer", None)
-        if c.align_steps > 0 and c.align_on == "pystdlib" and getattr(tokenizer, "vocab_size", 260) != 260:
-            problems.append(Problem("loram.align_on", "pystdlib alignment text is in byte tokens, but this run uses "
-                                    "another tokenizer; set align_on: train"))
         if needs_data and ctx.corpus is None:
             problems.append(Problem("loram.method", "taylor scores and alignment need training data (ctx.corpus); "
                                     "use l2 / random, or a recipe with a data block"))
         if c.method == "taylor" and c.calibration_batches == 0:
             problems.append(Problem("loram.calibration_batches", "taylor needs at least one calibration batch"))
-        if c.method == "2:4" and config.hidden_size % 4:
-            problems.append(Problem("loram.method", f"2:4 needs in_features divisible by 4 (hidden {config.hidden_size})"))
+        hidden = Geometry.of(config).hidden_size
+        if c.method == "2:4" and hidden % 4:
+            problems.append(Problem("loram.method", f"2:4 needs in_features divisible by 4 (hidden {hidden})"))
         if ctx.config and ctx.config.optimizer.name != "adamw":
             problems.append(Problem("loram", f"memory estimate assumes AdamW, recipe optimizer is "
                                     f"{ctx.config.optimizer.name}"))
@@ -160,13 +162,15 @@ class LoramPlugin(Plugin):
             calibration = self._batches(ctx, c.calibration_batches, 0)
         align = None
         if c.align_steps > 0:
-            corpus = _pystdlib() if c.align_on == "pystdlib" else ctx.corpus
+            tokenizer = ctx.tokenizer or getattr(ctx.corpus, "tokenizer", None)
+            corpus = _pystdlib(tokenizer) if c.align_on == "pystdlib" else ctx.corpus
             align = {"batches": self._batches(ctx, min(c.align_steps, 64), 1, corpus), "steps": c.align_steps,
                      "lr": c.align_lr}
-        imap, adapted = apply_loram(model, c.method, c.ratio, c.layers, self.spec, calibration, c.seed,
+        self.lora_spec = self.spec.for_model(model)
+        imap, adapted = apply_loram(model, c.method, c.ratio, c.layers, self.lora_spec, calibration, c.seed,
                                     self.nf4_settings(), align)
         self.index_map = imap
-        for name in sorted(set(pruned_module_names(imap)) | set(adapted)):
+        for name in sorted(set(pruned_module_names(model, imap)) | set(adapted)):
             ctx.claims.claim(name, self)
         ctx.shared["loram"] = {"index_map": imap.to_dict(), "adapted": adapted}
 
@@ -176,7 +180,7 @@ class LoramPlugin(Plugin):
     def memwise_state_dict(self, ctx: Any) -> dict | None:
         if self.index_map is None:
             return None
-        return {"index_map": self.index_map.to_dict(), "lora": dataclasses.asdict(self.spec),
+        return {"index_map": self.index_map.to_dict(), "lora": dataclasses.asdict(self.lora_spec),
                 "nf4": self.nf4_settings()}
 
     @hookimpl
@@ -187,6 +191,7 @@ class LoramPlugin(Plugin):
                 "loram: the checkpoint was pruned differently from this run (other kept heads/channels); "
                 "resume with the same base model, method, ratio, layers, seed and calibration data")
         self.index_map = saved
+        self.lora_spec = self.lora_spec or LoraSpec(**state["lora"])
 
     @hookimpl
     def memwise_on_fit_end(self, ctx: Any) -> None:
@@ -198,12 +203,12 @@ class LoramPlugin(Plugin):
 
         report = Path(ctx.report_dir)
         if self.config.export:
-            export_recovered(ctx.model, self.index_map, self.spec, report / "adapter",
+            export_recovered(ctx.model, self.index_map, self.lora_spec, report / "adapter",
                              base_model=_base_path(ctx))
         if self.config.save_pruned:
             from memwise_loram.storage import save_pruned
 
-            save_pruned(ctx.model, self.index_map, report / "pruned", self.spec, self.nf4_settings())
+            save_pruned(ctx.model, self.index_map, report / "pruned", self.lora_spec, self.nf4_settings())
         base = _base_path(ctx)
         batches = ctx.val_batches() if self.config.export and self.config.evaluate and base else []
         if batches:
@@ -229,9 +234,9 @@ def _base_path(ctx: Any) -> str | None:
     return str(path) if path else None
 
 
-def _pystdlib() -> Any:
-    """The general-text corpus for alignment (the Python standard library, byte tokens)."""
+def _pystdlib(tokenizer: Any) -> Any:
+    """The general-text corpus for alignment: the Python standard library, in the run's tokens (bytes without one)."""
     from memwise.data.datasets import PyStdlibConfig, build_corpus
 
-    return build_corpus(PyStdlibConfig())
+    return build_corpus(PyStdlibConfig(), tokenizer)
 

@@ -3,7 +3,8 @@
 For a projection whose output rows were pruned, B grows to the full row count with zeros
 on the removed rows; for one whose input columns were pruned, A grows with zero columns.
 So the recovered update B A equals the pruned one on kept positions and is exactly zero
-on pruned positions: the full model keeps its original weights there.
+on pruned positions: the full model keeps its original weights there. Keys are matched to
+layers and projections through the index map's paths (the architecture adapter's names).
 """
 
 from __future__ import annotations
@@ -14,44 +15,34 @@ import torch
 
 from memwise_loram.index_map import IndexMap
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-
-
-def _full_out(imap: IndexMap, module: str) -> int:
-    g = imap.geometry
-    return {"q_proj": g.num_attention_heads * g.head_dim, "k_proj": g.num_key_value_heads * g.head_dim,
-            "v_proj": g.num_key_value_heads * g.head_dim, "o_proj": g.hidden_size,
-            "gate_proj": g.intermediate_size, "up_proj": g.intermediate_size, "down_proj": g.hidden_size}[module]
-
-
-def _full_in(imap: IndexMap, module: str) -> int:
-    g = imap.geometry
-    return {"o_proj": g.num_attention_heads * g.head_dim, "down_proj": g.intermediate_size}.get(module, g.hidden_size)
-
 
 @torch.no_grad()
 def recover(adapters: dict[str, torch.Tensor], imap: IndexMap) -> dict[str, torch.Tensor]:
     """Expand pruned-model adapter weights (``adapter_state`` keys) to the full model's shapes."""
+    paths = "|".join(re.escape(p) for p in sorted(imap.paths.values(), key=len, reverse=True))
+    pattern = re.compile(rf"(?:^|\.)(\d+)\.({paths})\.lora_([AB])\.weight$")
+    full_shapes = imap.geometry.shapes()
     out = {}
     for key, w in adapters.items():
-        m = _LAYER.search(key)
+        m = pattern.search(key)
         if m is None or int(m.group(1)) not in imap.layers or not imap.structured:
             out[key] = w.clone()
             continue
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        fan_in, fan_out = full_shapes[imap.role(module)]
         if which == "B":
             rows = imap.rows(layer, module)
             if rows is None:
                 out[key] = w.clone()
                 continue
-            full = w.new_zeros(_full_out(imap, module), w.shape[1])
+            full = w.new_zeros(fan_out, w.shape[1])
             full[torch.tensor(rows)] = w
         else:
             cols = imap.cols(layer, module)
             if cols is None:
                 out[key] = w.clone()
                 continue
-            full = w.new_zeros(w.shape[0], _full_in(imap, module))
+            full = w.new_zeros(w.shape[0], fan_in)
             full[:, torch.tensor(cols)] = w
         out[key] = full
     return out

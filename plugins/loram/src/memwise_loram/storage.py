@@ -1,6 +1,6 @@
 """Save and reload a pruned model (optionally with adapters and an NF4 base).
 
-HF Llama has one config for all layers, but pruned layers have fewer KV heads and MLP
+An HF config describes all layers alike, but pruned layers have fewer KV heads and MLP
 channels than unpruned ones. So a folder holds the full model's ``config.json``, the
 index map, ``loram.json`` (adapter spec, NF4 settings) and ``model.safetensors``; reloading
 builds the HF model from the config, shrinks the pruned layers to the index map's
@@ -18,7 +18,8 @@ from torch import nn
 
 from memwise import architectures
 from memwise_loram.index_map import IndexMap
-from memwise_loram.lora import ALL_TARGETS, LoraSpec, inject_lora
+from memwise_loram.layout import projection_names
+from memwise_loram.lora import LoraSpec, inject_lora
 from memwise_loram.structured import resize_layer
 
 WEIGHTS = "model.safetensors"
@@ -34,7 +35,7 @@ def rebuild(config: Any, imap: IndexMap, device: str | torch.device | None = Non
         model = model_class(config)
     if imap.structured:
         for i, keep in imap.layers.items():
-            resize_layer(architectures.for_model(model).decoder_layers(model)[i], imap.geometry, keep)
+            resize_layer(architectures.for_model(model).decoder_layers(model)[i], imap, keep)
     return model
 
 
@@ -47,7 +48,7 @@ def save_pruned(model: nn.Module, imap: IndexMap, folder: str | Path, spec: Lora
     folder.mkdir(parents=True, exist_ok=True)
     model.config.to_json_file(str(folder / "config.json"))
     imap.save(folder)
-    settings = {"lora": vars(spec) if spec else None, "nf4": nf4}
+    settings = {"lora": vars(spec.for_model(model)) if spec else None, "nf4": nf4}
     (folder / SETTINGS).write_text(json.dumps(settings, indent=1))
     save_model(model, str(folder / WEIGHTS))
     return folder
@@ -66,7 +67,7 @@ def load_pruned(folder: str | Path, device: str | torch.device = "cpu") -> tuple
     if settings.get("nf4"):
         from memwise_loram.nf4_linear import quantize_model
 
-        quantize_model(model, ALL_TARGETS, **settings["nf4"])
+        quantize_model(model, projection_names(config), **settings["nf4"])
     spec = LoraSpec(**settings["lora"]) if settings.get("lora") else None
     if spec is not None:
         inject_lora(model, spec)

@@ -1,8 +1,11 @@
-"""Physical shrinking of Llama decoder layers: fewer KV-head groups, fewer MLP channels.
+"""Physical shrinking of decoder layers: fewer KV-head groups, fewer MLP channels.
 
 Grouped-query attention keeps its group size: removing a KV head removes its query
-heads and their o_proj columns too, so ``num_key_value_groups`` stays valid and the
-HF attention code needs no change (it infers head counts from the projections).
+heads and their o columns too, so ``num_key_value_groups`` stays valid and the HF
+attention code needs no change (it infers head counts from the projections). Per-head
+norms of q and k (Qwen3's q_norm / k_norm) act on head_dim, which pruning keeps, so they
+stay as they are. The projections are found by the index map's paths (from the
+architecture adapter).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memwise_loram.index_map import Geometry, IndexMap, LayerKeep
+from memwise_loram.index_map import IndexMap, LayerKeep
 
 
 def _select(linear: nn.Linear, rows: list[int] | None, cols: list[int] | None) -> nn.Linear:
@@ -29,38 +32,35 @@ def _select(linear: nn.Linear, rows: list[int] | None, cols: list[int] | None) -
     return new
 
 
-def shrink_layer(layer: nn.Module, index: int, imap: IndexMap) -> list[str]:
-    """Replace the linears of decoder layer ``index`` by their kept parts; return their names."""
-    attn, mlp = layer.self_attn, layer.mlp
-    names = []
-    for parent, prefix, mods in ((attn, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                 (mlp, "mlp", ("gate_proj", "up_proj", "down_proj"))):
-        for m in mods:
-            setattr(parent, m, _select(getattr(parent, m), imap.rows(index, m), imap.cols(index, m)))
-            names.append(f"{prefix}.{m}")
+def _set(layer: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(layer.get_submodule(parent) if parent else layer, leaf, module)
+
+
+def _set_intermediate(layer: nn.Module, paths: dict[str, str], channels: int) -> None:
+    """HF MLPs that keep their width as an attribute get the pruned one."""
+    mlp = layer.get_submodule(paths["down"].rpartition(".")[0])
     if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(imap.layers[index].mlp_channels)
-    return names
+        mlp.intermediate_size = channels
 
 
-def resize_layer(layer: nn.Module, geometry: Geometry, keep: LayerKeep) -> None:
+def shrink_layer(layer: nn.Module, index: int, imap: IndexMap) -> list[str]:
+    """Replace the projections of decoder layer ``index`` by their kept parts; return their paths."""
+    for path in imap.paths.values():
+        _set(layer, path, _select(layer.get_submodule(path), imap.rows(index, path), imap.cols(index, path)))
+    _set_intermediate(layer, imap.paths, len(imap.layers[index].mlp_channels))
+    return list(imap.paths.values())
+
+
+def resize_layer(layer: nn.Module, imap: IndexMap, keep: LayerKeep) -> None:
     """Give decoder layer the pruned shapes with fresh (uninitialised) linears: for reloading.
 
     Works on the meta device, so a shape-only model of any size costs no memory.
     """
-    attn, mlp = layer.self_attn, layer.mlp
-    hd, g, h = geometry.head_dim, geometry.group, geometry.hidden_size
-    nkv, inter = len(keep.kv_heads), len(keep.mlp_channels)
-    ref = attn.q_proj.weight
-    kw = {"device": ref.device, "dtype": ref.dtype}
-    bias = attn.q_proj.bias is not None
-    attn.q_proj = nn.Linear(h, nkv * g * hd, bias=bias, **kw)
-    attn.k_proj = nn.Linear(h, nkv * hd, bias=bias, **kw)
-    attn.v_proj = nn.Linear(h, nkv * hd, bias=bias, **kw)
-    attn.o_proj = nn.Linear(nkv * g * hd, h, bias=attn.o_proj.bias is not None, **kw)
-    mbias = mlp.gate_proj.bias is not None
-    mlp.gate_proj = nn.Linear(h, inter, bias=mbias, **kw)
-    mlp.up_proj = nn.Linear(h, inter, bias=mbias, **kw)
-    mlp.down_proj = nn.Linear(inter, h, bias=mbias, **kw)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = inter
+    shapes = imap.geometry.shapes(len(keep.kv_heads), len(keep.mlp_channels))
+    for role, path in imap.paths.items():
+        old = layer.get_submodule(path)
+        fan_in, fan_out = shapes[role]
+        _set(layer, path, nn.Linear(fan_in, fan_out, bias=old.bias is not None, device=old.weight.device,
+                                    dtype=old.weight.dtype))
+    _set_intermediate(layer, imap.paths, len(keep.mlp_channels))
