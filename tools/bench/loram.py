@@ -2,7 +2,10 @@
 
     memwise run recipes/loram/base.yaml
     memwise loram save-base runs/loram-base/checkpoints/last.ckpt --out runs/loram-base/model
-    python tools/bench/loram.py --base runs/loram-base/model --steps 100
+    python tools/bench/loram.py run --base runs/loram-base/model --steps 100
+    python tools/bench/loram.py curve --base .cache/models/SmolLM2-135M-Instruct --ratios 0.1,0.5 --align 0,20
+
+``run``:
 
 1. LLaMA-3.1-70B's shape on the meta device: pruning layers 4-77 at 0.85 (closed form == meta model).
 2. Frozen-base storage of LoRA (full), LoRAM and QLoRAM at ratios 0.5 and 0.85: measured bytes
@@ -11,6 +14,15 @@
 4. Validation loss on C headers (/usr/include/*.h) after the same steps, seed and data: the base;
    the base + PEFT LoRA trained on the full model; the pruned model + its adapter; the full base
    + the recovered adapter.
+
+``curve``: on a pretrained model with its own tokenizer, the target domain is the offline
+standard-library instruction set (pystdlib_sft, loss on the answers). For each pruning ratio x
+alignment steps: prune (L2), align on target training windows the LoRA steps never see, train
+LoRA, recover, and score the full model with the recovered adapter on the validation answers,
+beside the base model and LoRA trained on the full model (same batches, seed and steps).
+Frozen-base bytes are counted from the built pruned model and checked against the closed form.
+Each setting is written to ``<out>/curve-*.json`` as it finishes (settings may run in separate
+processes); the table is printed from every file there.
 """
 
 from __future__ import annotations
@@ -35,7 +47,6 @@ from memwise_loram import LoraSpec, adapter_state, apply_loram, recover  # noqa:
 from memwise_loram.counts import base_storage, layer_shapes, llama31_70b_config  # noqa: E402
 from memwise_loram.evaluate import apply_adapter, val_loss  # noqa: E402
 from memwise_loram.index_map import Geometry, IndexMap, LayerKeep, kept_counts  # noqa: E402
-from memwise_loram.memtracker_fix import frozen_parameters_tracked  # noqa: E402
 from memwise_loram.peft_format import write_peft  # noqa: E402
 from memwise_loram.storage import rebuild  # noqa: E402
 
@@ -43,9 +54,10 @@ NF4 = {"block": 64, "double_quant": True, "dq_block": 256}
 
 
 def load_base(folder: str) -> torch.nn.Module:
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(folder, local_files_only=True, attn_implementation="sdpa").train()
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, attn_implementation="sdpa",
+                                                dtype=torch.float32).train()
 
 
 def frozen_base_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -67,9 +79,8 @@ def section_70b() -> dict:
     full = base_storage(cfg, layer_shapes(cfg, 0.0, None), 2)
     pruned = base_storage(cfg, layer_shapes(cfg, 0.85, "4-77"), 2)
     nf4 = base_storage(cfg, layer_shapes(cfg, 0.85, "4-77"), 2, NF4)
-    geo = Geometry.of(cfg)
-    kv, ch = kept_counts(geo, 0.85)
-    imap = IndexMap("random", 0.85, geo, {i: LayerKeep(list(range(kv)), list(range(ch))) for i in range(4, 78)})
+    kv, ch = kept_counts(Geometry.of(cfg), 0.85)
+    imap = IndexMap.for_config("random", 0.85, cfg, {i: LayerKeep(list(range(kv)), list(range(ch))) for i in range(4, 78)})
     meta = sum(p.numel() for p in rebuild(cfg, imap, "meta").parameters())
     return {"full": full["parameters"], "pruned": pruned["parameters"], "pruned_meta_model": meta,
             "ratio_bf16": full["parameters"] / pruned["parameters"], "paper_nf4_count": pruned["parameters"] // 4,
@@ -93,8 +104,7 @@ def section_storage(base: torch.nn.Module, layers: str) -> list[dict]:
 
 def probe(model: torch.nn.Module, batch: dict) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    report = measure_step(model, opt, lambda: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss,
-                          frozen_parameters_tracked)
+    report = measure_step(model, opt, lambda: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
     out = report.headline()
     out["peak_total"] = report.peak_total
     return out
@@ -159,8 +169,123 @@ def section_quality(base_folder: str, train_batches: list[dict], val: list[dict]
     return result
 
 
+def sft_batches(base: str, seq_len: int, batch_size: int, documents: int, train_batches: int,
+                val_batches: int) -> tuple[list[dict], list[dict]]:
+    """Training batches (shuffled, seed 0) and fixed validation batches of the instruction set, model tokenizer."""
+    from memwise.data.datasets import PyStdlibSftConfig
+    from memwise.data.tokens import HFTokenizer
+
+    tok = HFTokenizer(base)
+    corpus = build_corpus(PyStdlibSftConfig(builder="pystdlib_sft", seq_len=seq_len, max_documents=documents), tok)
+    train_ds = WindowDataset(corpus.train, seq_len, tok.pad_id, corpus.train_targets)
+    val_ds = WindowDataset(corpus.val, seq_len, tok.pad_id, corpus.val_targets)
+    b = batch_size
+    order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0)).tolist()
+    if len(order) < train_batches * b:
+        raise SystemExit(f"{len(order)} training windows, {train_batches * b} needed: raise --documents")
+    train = [collate([train_ds[i] for i in order[s * b:(s + 1) * b]]) for s in range(train_batches)]
+    val = [collate([val_ds[j] for j in range(s * b, min((s + 1) * b, len(val_ds)))])
+           for s in range(min(val_batches, math.ceil(len(val_ds) / b)))]
+    return train, val
+
+
+def curve_setting(args: argparse.Namespace, ratio: float | None, align: int, train_batches: list[dict],
+                  val: list[dict]) -> dict:
+    """One point of the curve. ratio None: LoRA on the full model (no pruning); ratio 0 with align 0: the base."""
+    from memwise_loram.align import align_pruned
+    from memwise_loram.lora import inject_lora, merge_lora
+    from memwise_loram.prune import prune
+
+    spec = LoraSpec(args.rank, 2.0 * args.rank, 0.05)
+    lora_batches, align_batches = train_batches[:args.steps], train_batches[args.steps:]
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    model = load_base(args.base)
+    config, size = model.config, next(model.parameters()).element_size()
+    if ratio is None:
+        row = {"setting": "LoRA (full model)", "ratio": 0.0, "align": 0}
+        values, nbytes = frozen_base_bytes(model)
+        inject_lora(model, spec)
+        row["lora_losses"] = train(model, lora_batches, args.lr)
+        merge_lora(model)
+        row["full_val_loss"] = val_loss(model, val)
+    else:
+        row = {"setting": f"LoRAM {ratio} align {align}", "ratio": ratio, "align": align}
+        imap = prune(model, "l2", ratio, args.layers)
+        row["pruned_val_loss"] = val_loss(model, val)
+        if align:
+            row["align_losses"] = align_pruned(model, align_batches[:align], align, args.align_lr)
+            row["aligned_val_loss"] = val_loss(model, val)
+        values, nbytes = frozen_base_bytes(model)
+        inject_lora(model, spec)
+        row["lora_losses"] = train(model, lora_batches, args.lr)
+        row["pruned_adapter_val_loss"] = val_loss(model, val)
+        folder = write_peft(recover(adapter_state(model), imap), spec, Path(args.out) / f"adapter-{ratio}-{align}",
+                            imap, args.base)
+        del model
+        row["full_val_loss"] = val_loss(apply_adapter(load_base(args.base), folder), val)
+    closed = base_storage(config, layer_shapes(config, ratio or 0.0, args.layers), size)
+    row.update(frozen_parameters=values, frozen_bytes=nbytes, closed_form_bytes=closed["bytes"],
+               bytes_equal=(values, nbytes) == (closed["parameters"], closed["bytes"]),
+               seconds=round(time.perf_counter() - t, 1))
+    return row
+
+
+def curve(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    aligns = [int(a) for a in args.align.split(",")]
+    train_batches, val = sft_batches(args.base, args.seq_len, args.batch_size, args.documents,
+                                     args.steps + max(aligns), args.val_batches)
+    settings = [(float(r), a) for r in args.ratios.split(",") if r for a in aligns]
+    if args.lora:
+        settings.insert(0, (None, 0))
+    if args.lora:
+        (out / "curve-base.json").write_text(json.dumps({"setting": "base", "full_val_loss": val_loss(load_base(args.base), val)}))
+    for ratio, align in settings:
+        name = "lora" if ratio is None else f"r{ratio}-a{align}"
+        row = curve_setting(args, ratio, align, train_batches, val)
+        row["command"] = " ".join(sys.argv)
+        (out / f"curve-{name}.json").write_text(json.dumps(row, indent=1))
+        print(f"{row['setting']}: full + adapter {row['full_val_loss']:.4f} ({row['seconds']} s)", flush=True)
+    print_curve(out)
+
+
+def print_curve(out: Path) -> None:
+    """The table of every setting measured under ``out``, against the base's loss."""
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("curve-*.json"))]
+    base = next(r["full_val_loss"] for r in rows if r["setting"] == "base")
+    print(f"\nbase: target val loss {base:.4f}\n")
+    print("| setting | pruned | aligned | pruned + adapter | full + recovered adapter | vs base | frozen-base bytes |"
+          "\n|---|---|---|---|---|---|---|")
+    for r in sorted((r for r in rows if r["setting"] != "base"), key=lambda r: (r["ratio"], r["align"])):
+        cells = [f"{r[k]:.4f}" if k in r else "" for k in ("pruned_val_loss", "aligned_val_loss", "pruned_adapter_val_loss")]
+        print(f"| {r['setting']} | {' | '.join(cells)} | {r['full_val_loss']:.4f} | "
+              f"{100 * (r['full_val_loss'] / base - 1):+.2f}% | {r['frozen_bytes']:,}"
+              f"{'' if r['bytes_equal'] else ' (closed form ' + format(r['closed_form_bytes'], ',') + ')'} |")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cp = sub.add_parser("curve", help="ratio x alignment -> target loss of the full model with the recovered adapter")
+    cp.add_argument("--base", required=True, help="pretrained model folder with its tokenizer")
+    cp.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
+    cp.add_argument("--align", default="0,20", help="alignment steps (full-parameter training of the pruned model)")
+    cp.add_argument("--lora", action="store_true", help="also the references: the base, LoRA on the full model")
+    cp.add_argument("--layers", default="1-28", help="layers to prune (first and last kept, as the paper does)")
+    cp.add_argument("--steps", type=int, default=40, help="LoRA steps")
+    cp.add_argument("--batch-size", type=int, default=4)
+    cp.add_argument("--seq-len", type=int, default=256)
+    cp.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (AdamW, cosine to 0.1x)")
+    cp.add_argument("--align-lr", type=float, default=5e-5)
+    cp.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank, dropout 0.05)")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--documents", type=int, default=2000, help="instruction-set examples (max_documents)")
+    cp.add_argument("--val-batches", type=int, default=8)
+    cp.add_argument("--out", default="runs/bench-loram-curve")
+    cp.add_argument("--table", action="store_true", help="only print the table of what --out holds")
+    ap = sub.add_parser("run", help="storage, memory and quality on the byte-token base of recipes/loram")
     ap.add_argument("--base", required=True, help="base model folder (from recipes/loram/base.yaml + save-base)")
     ap.add_argument("--layers", default="1-6", help="layers to prune (the paper keeps the first and last ones)")
     ap.add_argument("--steps", type=int, default=100)
@@ -171,7 +296,11 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--out", default="runs/bench-loram")
-    args = ap.parse_args()
+    args = parser.parse_args()
+    if args.command == "curve":
+        print(f"machine: {machine()}\n")
+        print_curve(Path(args.out)) if args.table else curve(args)
+        return
     torch.manual_seed(0)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
