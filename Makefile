@@ -7,7 +7,7 @@ STAMP := $(VENV)/.memwise-installed
 
 MODEL := .cache/models/SmolLM2-135M-Instruct/memwise-source.json
 
-.PHONY: setup model run sft sft-all test bench clean
+.PHONY: setup model run sft sft-all test bench clean loram-smollm2
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ sft: setup model
 # the same fine-tuning with each technique (the SmolLM2 figures in docs/benchmarks.md)
 sft-all: sft
 	for v in checkpointing mesa coat coat-mesa; do $(BIN)/memwise run recipes/finetune/smollm2-sft-$$v.yaml || exit 1; done
+
+# LoRAM on SmolLM2-135M-Instruct: LoRA trained on the pruned model, the full model scored with the recovered adapter
+loram-smollm2: setup model
+	$(BIN)/memwise run recipes/finetune/smollm2-loram.yaml
 
 test: setup model
 	$(BIN)/python -m pytest -q
