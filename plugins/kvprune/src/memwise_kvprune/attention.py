@@ -15,7 +15,6 @@ import torch
 
 from memwise.attention import attention_implementation, register_attention, set_attention_implementation
 from memwise_kvprune import compat
-from memwise_kvprune.fp8store import FP8Rows
 from memwise_kvprune.kernels import cpu_attention
 from memwise_kvprune.layer import PrunedLayer, PrunedView, visible_mask
 from memwise_kvprune.rows import QuantRows
@@ -48,9 +47,9 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
     each product is a single batched matmul (decoding calls this once per layer per token).
     """
     b, hq, s, d = query.shape
-    if layer.kv is not None and s == 1 and attention_mask is None and query.device.type == "cpu" \
-            and isinstance(layer.kv, FP8Rows) and (ext := cpu_attention.extension()) is not None:
-        return cpu_attention.decode_attention(query, layer.kv.payload, layer.kv.scale, scaling, ext)
+    if s == 1 and attention_mask is None and query.device.type == "cpu" and cpu_attention.serves(layer) \
+            and (ext := cpu_attention.extension()) is not None:  # one unpadded decoding step on FP8 rows
+        return cpu_attention.decode_attention(layer, query, scaling, ext)
     h = layer.window_k.shape[1]
     g = hq // h
     q = query.reshape(b, h, g * s, d)

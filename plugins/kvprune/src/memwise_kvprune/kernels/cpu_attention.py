@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from memwise.kernels.fp8 import as_float16
+from memwise_kvprune.fp8store import FP8Rows
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("fp8_attention.cpp")
@@ -62,18 +63,36 @@ def _table(dtype: torch.dtype) -> torch.Tensor:
     return _BUILT[key]
 
 
-def decode_attention(query: torch.Tensor, payload: torch.Tensor, scale: torch.Tensor, scaling: float,
-                     ext: Any) -> torch.Tensor:
-    """Attention of one query position per head over joint key/value FP8 rows: [B, 1, Hq, D].
+def serves(layer: Any) -> bool:
+    """Whether the kernel can read ``layer``: FP8 keys and values (one joint store, or ThinK's split ones)."""
+    return isinstance(layer.kv, FP8Rows) or (isinstance(layer.pruned_k, FP8Rows) and isinstance(layer.vals, FP8Rows))
 
-    ``query`` [B, Hq, 1, D]; ``payload`` [B, H, T, 2D] (key codes, then value codes); ``scale``
-    [B, H, T, 2] bf16. Equal to the torch path up to float32 rounding.
+
+def decode_attention(layer: Any, query: torch.Tensor, scaling: float, ext: Any) -> torch.Tensor:
+    """Attention of one query position per head over what ``layer`` keeps: [B, 1, Hq, D].
+
+    ``query`` [B, Hq, 1, D]. Joint key/value rows are passed as two strided views of one payload;
+    under ThinK, the query's kept channels meet the compact keys and the full query the window.
+    Equal to the torch path up to float32 rounding.
     """
     b, hq, _, d = query.shape
-    h, t = payload.shape[1], payload.shape[2]
-    shift, mask, factor = _WIDEN[payload.dtype]
-    q = query.reshape(b * h, hq // h, d).float().contiguous()
-    out = ext.fp8_decode_attention(q, payload.view(torch.uint8).reshape(b * h, t, 2 * d),
-                                   scale.reshape(b * h, t, 2).contiguous(), _table(payload.dtype),
-                                   factor * scaling, factor, shift, mask)
+    h = layer.window_k.shape[1]
+    n, g = b * h, hq // h
+    q = query.reshape(n, g, d).float().contiguous()
+    if layer.kv is not None:
+        stored = layer.kv
+        rows = stored.payload.view(torch.uint8).reshape(n, -1, 2 * d)
+        scales = stored.scale.reshape(n, -1, 2)
+        keys, key_scales, values, value_scales = rows[..., :d], scales[..., 0], rows[..., d:], scales[..., 1]
+        q_kept = q
+    else:
+        stored = layer.vals
+        keys = layer.pruned_k.payload.view(torch.uint8).reshape(n, -1, layer.pruned_k.payload.shape[-1])
+        key_scales = layer.pruned_k.scale.reshape(n, -1)
+        values, value_scales = stored.payload.view(torch.uint8).reshape(n, -1, d), stored.scale.reshape(n, -1)
+        q_kept = q if layer.channels is None else q.gather(-1, layer.channels.long().reshape(n, 1, -1).expand(-1, g, -1))
+    window = layer.window_k.reshape(n, -1, d).float().contiguous()
+    shift, mask, factor = _WIDEN[stored.payload.dtype]
+    out = ext.fp8_decode_attention(q_kept.contiguous(), q, keys, key_scales, window, values, value_scales,
+                                   _table(stored.payload.dtype), factor * scaling, scaling, factor, shift, mask)
     return out.view(b, 1, hq, d).to(query.dtype)
