@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import warnings
 from typing import Any
@@ -174,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     finally:
         try:
-            run.host.teardown(run.ctx)  # always, in reverse plan order, whatever failed above
+            run.session.teardown()  # always, in reverse plan order, whatever failed above
         except MemwiseError as err:
             if primary is None:
                 raise
@@ -227,6 +226,9 @@ def _train(run: Any, args: argparse.Namespace) -> int:
     from memwise.errors import NonFiniteError
     from memwise.lightning.datamodule import RecipeDataModule
     from memwise.lightning.module import RecipeModule
+    from memwise.lightning.stopping import SignalStop
+    from memwise.lightning.trainer import make_trainer
+    from memwise.probe import measure
 
     run.build()
     rows = run.estimate_and_transform()
@@ -238,7 +240,8 @@ def _train(run: Any, args: argparse.Namespace) -> int:
                                    "so it would not load as a plain model folder; keep the checkpoint instead "
                                    "(or use the plugin's own export)")], source=args.recipe)
     quiet_lightning()
-    trainer = run.make_trainer()
+    stop = SignalStop(run.checkpoint_path("last"), err_console.print)
+    trainer = make_trainer(run.cfg.trainer, run.interactive, [stop])
     run.ctx.trainer = trainer
     module, datamodule = RecipeModule(run), RecipeDataModule(run)
     run.ctx.module = module
@@ -246,20 +249,20 @@ def _train(run: Any, args: argparse.Namespace) -> int:
         console.print(_plan_table(run))
     folder = run.ctx.report_dir
     try:
-        with _stop_on_signals(run):
+        with stop.installed():
             trainer.fit(module, datamodule, ckpt_path=run.cfg.resume)
     except (NonFiniteError, RunInterrupted) as err:
-        if trainer.is_global_zero and module.history:  # what was trained stays readable
-            summ = report.summary(module.history)
+        if trainer.is_global_zero and module.progress.history:  # what was trained stays readable
+            summ = report.summary(module.progress.history)
             summ["stopped"] = str(err)
-            report.write_metrics(folder, module.history)
+            report.write_metrics(folder, module.progress.history)
             report.write_json(folder, "summary.json", summ)
         raise
     trainer.save_checkpoint(run.checkpoint_path("last"), weights_only=False)
     sharded = run.cfg.trainer.strategy == "fsdp"
     measured = None
     if sharded and run.cfg.report.probe_memory:  # every rank: the sharded step needs all of them
-        measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
+        measured = measure(run, module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
         folder.mkdir(parents=True, exist_ok=True)
         report.write_json(folder, f"memory-rank{trainer.global_rank}.json",
                           {"world_size": trainer.world_size,
@@ -271,13 +274,13 @@ def _train(run: Any, args: argparse.Namespace) -> int:
                            "predicted_steps": [{"label": lbl, **e.as_dict(), "note": note} for lbl, e, note in rows]}
     if run.cfg.report.probe_memory:
         if measured is None:
-            measured = run.probe(module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
+            measured = measure(run, module.model, run.ctx.optimizer, trainer.precision_plugin.forward_context)
         mem["measured"] = {**measured.as_dict(), "headline": measured.headline()}
         console.print(_estimate_table(rows, mem["measured"]))
         console.print("measured: parameters, gradients and optimizer state after the step; activations "
                       "saved by the forward pass; temporaries at their own maximum")
         console.print(f"process peak resident memory: {_fmt(measured.peak_rss)} MiB")
-    summ = report.summary(module.history)
+    summ = report.summary(module.progress.history)
     summ["manifest"] = manifest(run.recipe.plugins)
     if run.cfg.report.save_model and sharded:
         from memwise.sharding import consolidate
@@ -286,45 +289,17 @@ def _train(run: Any, args: argparse.Namespace) -> int:
     elif run.cfg.report.save_model:
         module.model.save_pretrained(folder / "model", safe_serialization=True)
     report.write_recipe(folder, run.recipe.resolved)
-    report.write_metrics(folder, module.history)
+    report.write_metrics(folder, module.progress.history)
     report.write_json(folder, "memory.json", mem)
     report.write_json(folder, "summary.json", summ)
     if run.cfg.report.plots:
-        report.plot(folder, module.history, mem)
+        report.plot(folder, module.progress.history, mem)
     first, final = summ["first_val_loss"], summ["final_val_loss"]
     console.print(f"validation loss {_loss(first)} -> {_loss(final)} after {summ['steps']} steps; report in {folder}")
     return 0
 
 def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-@contextlib.contextmanager
-def _stop_on_signals(run: Any) -> Any:
-    """SIGINT and SIGTERM ask the run to stop after the current step (which then saves last.ckpt
-    and raises RunInterrupted); a second signal stops at once."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if run.stop_signal is not None:
-            raise KeyboardInterrupt
-        run.stop_signal = signum
-        err_console.print(f"{signal.Signals(signum).name} received: stopping after the current step "
-                          "(send it again to stop at once)")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    run.signal_handler = handler
-    try:
-        yield
-    finally:
-        run.signal_handler = None
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def prompt_ids(tok: Any, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
@@ -347,7 +322,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         return _generate(run, args)
     finally:
-        run.host.teardown(run.ctx)  # always, in reverse plan order
+        run.session.teardown()  # always, in reverse plan order
 
 
 def _generate(run: Any, args: argparse.Namespace) -> int:

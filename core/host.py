@@ -3,7 +3,8 @@
 Every hook call memwise makes goes through a host, which calls the plugins in plan order
 (phase, then before/after, then recipe order) and owns the one undo path. The front ends
 (the recipe runner behind ``memwise run``/``explain``/``generate``, the Lightning recipe
-module and datamodule, and ``MemwiseCallback`` in a user's own Trainer) only say *when*.
+module and datamodule, and ``MemwiseCallback`` in a user's own Trainer) only say *when*;
+:class:`memwise.session.Session` keeps the state that spans calls (surgery done, the open step).
 
 A fit: ``validate`` -> ``estimate`` (each plugin's estimate, then its surgery, one plugin at a
 time) or ``transform_model`` -> ``configure_optimizer`` -> ``wrap_train_data`` -> per batch

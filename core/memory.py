@@ -370,6 +370,17 @@ def llama_activation_bytes(config: Any, batch: int, seq: int, precision: str = "
                                                                                      precision))
 
 
+def autocast_copy_bytes(config: Any, precision: str) -> int:
+    """The bf16 weight copies every decoder layer saves under autocast (counted in the activations)."""
+    from memwise.architectures.activations import autocast_weight_copy_bytes
+
+    if precision not in ("bf16-mixed", "16-mixed"):
+        return 0
+    adapter = _adapter(config)
+    geo = adapter.geometry(config)
+    return geo.layers * autocast_weight_copy_bytes(adapter, geo)
+
+
 def predict_baseline(model: torch.nn.Module, optimizer_state_bytes: int, batch: int, seq: int,
                      precision: str) -> MemoryEstimate:
     """The baseline's memory: parameters, gradients, optimizer state exact; activations and

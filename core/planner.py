@@ -347,6 +347,12 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
             setattr(est, cat, getattr(est, cat) - state[cat] + shard[cat])
         gathered = 2 * state["layer"]  # the layer being computed and the next one, prefetched
         est.temporaries += gathered
+        copies = memory.autocast_copy_bytes(model.config, precision)
+        if copies and est.activations == state["activations"]:  # FSDP2 gathers bf16 weights: autocast copies none
+            est.activations -= copies
+        elif copies:  # a plugin changed the layers' activations: which copies are left is not modelled
+            notes.append(f"fsdp: {copies:,} B of autocast weight copies still counted (FSDP2 gathers bf16 weights "
+                         "and keeps none; conservative beside activation plugins)")
         shape.largest_param = math.ceil(largest / devices)
         notes.append(f"fsdp: parameters, gradients and optimizer state / {devices}; temporaries + {gathered:,} B "
                      "of gathered layer parameters (not measured here); communication time not modelled")

@@ -118,6 +118,17 @@ def test_baseline_prediction_matches_memtracker(tmp_path, model_type):
     check(*measure_recipe(recipe(tmp_path, model_type), warm=False))
 
 
+@pytest.mark.parametrize("model_type", [
+    pytest.param(t, marks=pytest.mark.xfail(reason="MemTracker measures about 54 KB a layer more than autograd "
+                                            "saves for phi3 under autocast at this size (0.950); not modelled",
+                                            strict=False)) if t == "phi3" else t for t in TYPES])
+def test_bf16_mixed_prediction_matches_memtracker(tmp_path, model_type):
+    """Autocast's terms per architecture: bf16 copies of each projection's input and weight, fp32 norms."""
+    path = Path(recipe(tmp_path, model_type))
+    path.write_text(path.read_text().replace("precision: 32-true", "precision: bf16-mixed"))
+    check(*measure_recipe(str(path), warm=False))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("plugin", "model_type"), [
     (p, t) for p in PLUGINS for t in TYPES])

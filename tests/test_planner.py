@@ -102,20 +102,23 @@ def test_llama_31_tables_match_closed_form(name, dims, billions):
     per_token_layer = 4 * 4 * h + 2 * 5 * h + 2 * (2 * q + 2 * k + 4 * inter) + 8 + 4 * heads
     # the fp32 log-softmax the loss saves, and autocast's bf16 copy of the head weight
     activations = tokens * (layers * per_token_layer + 4 * 2 * h + 2 * h + 4 * vocab + 4) + 2 * vocab * h
+    # autocast's bf16 copy of each layer's weights, saved for backward (FSDP2 gathers bf16 weights instead)
+    copies = layers * 2 * (h * (q + 2 * k) + q * h + 3 * h * inter)
     by_label = {r.label: r for r in rows}
     base, fsdp = by_label["baseline"], by_label["baseline (fsdp x8)"]
     buffers = base.estimate.parameters - 4 * n
     assert 0 < buffers <= 4 * h  # the rotary inverse frequencies, replicated
     assert base.estimate.gradients == 4 * n
     assert base.estimate.optimizer_state == 8 * n + 4 * tensors
-    assert base.estimate.activations == activations
+    assert base.estimate.activations == activations + copies
     # gradients of the log-softmax and the fp32 logits (the bf16 logits' comes later), and the head's gradient
     loss_grads = 8 * tokens * vocab + 4 * vocab * h
     # the larger of the logits' gradients and the head weight's gradient with its bf16 form (untied: 1.5x
     # the fp32 weight) beside the hidden states' gradient: the logits' at 8B, the head's at 70B
     temporaries = max(8 * tokens * vocab, 6 * vocab * h + 4 * tokens * h)
     assert base.estimate.temporaries == temporaries
-    assert base.peak == 4 * n + buffers + 8 * n + 4 * tensors + max(activations + loss_grads, 4 * n + 2 * 4 * vocab * h)
+    assert base.peak == 4 * n + buffers + 8 * n + 4 * tensors + max(activations + copies + loss_grads,
+                                                                     4 * n + 2 * 4 * vocab * h)
     # every dimension divides by 8: each rank holds exactly an eighth of the sharded state
     assert fsdp.estimate.gradients * 8 == 4 * n
     assert fsdp.estimate.parameters == n // 2 + buffers

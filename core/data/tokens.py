@@ -125,3 +125,22 @@ def check_tokenizer(cfg: TokenizerConfig, model_path: str | None, gguf_file: str
                                 "has its own tokenizer: byte ids 0-259 would mean other tokens to it. Remove "
                                 "tokenizer.kind (its default, auto, uses the model's own tokenizer)"))
     return problems
+
+
+def check_vocabulary(corpus: Any, model: Any, tokenizer: Any) -> list:
+    """Every token id of the data must be a row of the model's embedding (else indexing garbage or a crash)."""
+    from memwise.errors import Problem
+
+    rows = model.get_input_embeddings().num_embeddings
+    problems = []
+    if tokenizer.vocab_size > rows:
+        problems.append(Problem("tokenizer", f"the tokenizer has {tokenizer.vocab_size:,} ids but the model's "
+                                f"embedding only {rows:,}: use the model's own tokenizer (tokenizer.kind: auto)"))
+    if corpus is not None:
+        docs = [d for d in (*corpus.train, *corpus.val) if len(d)]
+        top = max((int(d.max()) for d in docs), default=-1)
+        if top >= rows:
+            problems.append(Problem("data", f"token id {top:,} in the data is outside the model's vocabulary "
+                                    f"({rows:,} ids): the data was tokenized for another model; set the "
+                                    "recipe's tokenizer to the model's own"))
+    return problems

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from memwise.data import loaders
 
 
 class RecipeDataModule(pl.LightningDataModule):
@@ -20,10 +21,11 @@ class RecipeDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        return self.run.train_dataloader(rank, world, self.resume_batches)
+        run = self.run
+        return loaders.train_loader(run.ctx, run.host, run.recipe.data, rank, world, self.resume_batches)
 
     def state_dict(self) -> dict[str, Any]:
-        skipped = getattr(self.run.ctx.module, "nonfinite_skips", 0)  # batches consumed without an update
+        skipped = self.run.ctx.module.guard.skips  # batches consumed without an update
         return {"batches": int(self.trainer.global_step) + skipped if self.trainer else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -26,8 +26,8 @@ class MemwisePrecision(Precision):
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         module = self.inner.convert_module(module)
         leader = self.callback.leader or self.callback
-        if leader.host is not None:
-            leader.transform(module)
+        if leader.session is not None:
+            leader.session.transform(module)
         return module
 
     def forward_context(self) -> contextlib.AbstractContextManager:

@@ -49,6 +49,7 @@ def probe_and_step(workload: str, overrides: list[str]):
     timing against a baseline with ``interleaved``.
     """
     from memwise import recipe
+    from memwise.data.loaders import first_batch
     from memwise.runner import Run, causal_lm_loss
 
     name = workload if workload.endswith(".yaml") else f"base/{workload}"
@@ -57,10 +58,10 @@ def probe_and_step(workload: str, overrides: list[str]):
     run.transform()
     report = run.probe_without_training()
     ctx = run.ctx
-    batch = ctx.collate_fn([ctx.train_dataset[i] for i in next(iter(ctx.batch_sampler))])
+    batch = first_batch(ctx)
 
     def step() -> None:
-        with run.step_context():
+        with run.host.step_context(ctx):
             loss = causal_lm_loss(ctx.model, batch)
             loss.backward()
         ctx.optimizer.step()

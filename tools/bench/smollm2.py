@@ -10,8 +10,9 @@ variant against the baseline (same seed, steps and data).
     python tools/bench/smollm2.py time --variants baseline checkpointing mesa coat coat-mesa
 
 time: the baseline and one variant at a time in one process (two models in memory), one fixed
-batch, forward + backward + optimizer step, interleaved after a warm-up, median; the ratio is to
-the baseline's median measured beside the same variant.
+batch, forward + backward + optimizer step, interleaved after a warm-up, median of the process's
+CPU time (run it with OMP_NUM_THREADS=1); the ratio is to the baseline's median measured beside the
+same variant.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,14 +55,15 @@ def memory(variants: list[str], overrides: list[str]) -> dict:
 
 
 def step_times(variants: list[str], overrides: list[str], repeats: int) -> dict:
-    """Step-time ratio of each variant to the baseline, each pair interleaved in this process."""
+    """Step-time ratio of each variant to the baseline, each pair interleaved in this process, in this
+    process's CPU time (with one thread, the step's time less what other jobs took of the core)."""
     _, base = probe_and_step(recipe_of("baseline"), overrides)
     out = {}
     for v in variants:
         if v == "baseline":
             continue
         report, step = probe_and_step(recipe_of(v), overrides)
-        med = interleaved({"baseline": base, v: step}, repeats=repeats)
+        med = interleaved({"baseline": base, v: step}, repeats=repeats, clock=time.process_time)
         out[v] = {"baseline_s": med["baseline"], "variant_s": med[v], "ratio": med[v] / med["baseline"],
                   "peak_total": report.peak_total}
         print(f"| {v} | {med['baseline']:.2f} | {med[v]:.2f} | {med[v] / med['baseline']:.2f}x |", flush=True)

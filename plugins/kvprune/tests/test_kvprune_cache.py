@@ -125,11 +125,12 @@ def test_think_bound_at_long_prompt():
     assert bound - 0.01 <= saving <= bound
 
 
+@pytest.mark.parametrize("think", [ThinK(0.5, window=8), None], ids=["think", "joint"])
 @pytest.mark.parametrize("quant", [FP8(), Int4(8)], ids=["fp8", "int4"])
-def test_left_padding_row_matches_the_row_alone(model, quant):
+def test_left_padding_row_matches_the_row_alone(model, quant, think):
     """ThinK and quantization see only real tokens: a padded row decodes as if it were alone."""
     ids, mask = prompts(pad=7)
-    settings = dict(think=ThinK(0.5, window=8), quant=quant)
+    settings = dict(think=think, quant=quant)
     with pruned_generation(model, **settings) as cache:
         batched, batched_logits = greedy_loop(model, ids, mask, cache)
     alone_ids, alone_mask = ids[1:, 7:], mask[1:, 7:]
@@ -138,6 +139,29 @@ def test_left_padding_row_matches_the_row_alone(model, quant):
     assert torch.equal(batched[1:], alone)
     for a, b in zip(batched_logits, alone_logits):
         torch.testing.assert_close(a[1:], b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", [FP8(), FP8("e5m2"), Int4(8), Int4(16)], ids=["e4m3", "e5m2", "int4g8", "int4g16"])
+def test_joint_key_value_rows_decode_as_separate_stores(model, quant, monkeypatch):
+    """Without ThinK a token's key and value share one quantized row (scaled apart): same tokens, logits
+    and bytes as separate key and value stores, and each part holds what encoding it alone would."""
+    from memwise_kvprune.layer import PrunedLayer
+
+    ids, mask = prompts(pad=7)
+    with pruned_generation(model, eviction=_SNAP, quant=quant) as cache:
+        got, got_logits = greedy_loop(model, ids, mask, cache)
+    layer = cache.layers[0]
+    assert layer.kv is not None and layer.pruned_k is None and layer.vals is None
+    monkeypatch.setattr(PrunedLayer, "_joint", lambda self: False)
+    with pruned_generation(model, eviction=_SNAP, quant=quant) as split:
+        want, want_logits = greedy_loop(model, ids, mask, split)
+    assert torch.equal(got, want) and cache.nbytes() == split.nbytes()
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    other = split.layers[0]
+    keys, values = layer.kv.decode(torch.float32).chunk(2, dim=-1)
+    assert torch.equal(keys, other.pruned_k.decode(torch.float32))
+    assert torch.equal(values, other.vals.decode(torch.float32))
 
 
 def test_streaming_sinks_are_first_real_tokens(model):

@@ -163,8 +163,8 @@ def test_fp8_widen_times_scale_is_decode_for_every_byte(fmt):
     for out_dtype in (torch.float32, torch.bfloat16):
         wide, s = rows.widen(out_dtype)
         assert wide.dtype == out_dtype
-        assert torch.equal(wide.float() * (s / scale.float().squeeze(-1))[..., None], payload.float())
-        torch.testing.assert_close(wide.float() * s[..., None], rows.decode(torch.float32), rtol=0, atol=0)
+        assert torch.equal(wide.float() * (s / scale.float()), payload.float())
+        torch.testing.assert_close(wide.float() * s, rows.decode(torch.float32), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("width,group", [(64, 32), (32, 32), (13, 4), (8, 8)])
@@ -190,7 +190,7 @@ def test_int4_rows_round_to_the_nearest_code_and_widen_to_decode(width, group):
     assert rows.nbytes() == 2 * 3 * 10 * Int4(group).row_bytes(width)
     wide, s = rows.widen(torch.float32)
     assert (s is None) == (g > 1)
-    torch.testing.assert_close(wide if s is None else wide * s[..., None], want, rtol=0, atol=0)
+    torch.testing.assert_close(wide if s is None else wide * s, want, rtol=0, atol=0)
     both = rows.cat(Int4Rows.encode(x[:, :, :3], g))
     torch.testing.assert_close(both.decode(torch.float32), torch.cat([want, want[:, :, :3]], dim=-2), rtol=0, atol=0)
 

@@ -15,6 +15,7 @@ import torch
 
 from memwise.attention import attention_implementation, register_attention, set_attention_implementation
 from memwise_kvprune import compat
+from memwise_kvprune.kernels import cpu_attention
 from memwise_kvprune.layer import PrunedLayer, PrunedView, visible_mask
 from memwise_kvprune.rows import QuantRows
 
@@ -46,6 +47,9 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
     each product is a single batched matmul (decoding calls this once per layer per token).
     """
     b, hq, s, d = query.shape
+    if s == 1 and attention_mask is None and query.device.type == "cpu" and cpu_attention.serves(layer) \
+            and (ext := cpu_attention.extension()) is not None:  # one unpadded decoding step on FP8 rows
+        return cpu_attention.decode_attention(layer, query, scaling, ext)
     h = layer.window_k.shape[1]
     g = hq // h
     q = query.reshape(b, h, g * s, d)
@@ -53,12 +57,12 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
         q_kept = q.gather(-1, layer.channels.long()[:, :, None, :].expand(-1, -1, g * s, -1))
     else:
         q_kept = q
-    if isinstance(layer.pruned_k, QuantRows):  # q . (rows * s_t) = (q . rows) * s_t: scale the scores, not the keys
-        rows, k_scale = layer.pruned_k.widen(query.dtype)
-        scores = (q_kept @ rows.transpose(-1, -2)).float()
-        scores.mul_(scaling if k_scale is None else (k_scale * scaling)[:, :, None, :])
+    if layer.kv is not None:  # keys and values in one store: one widening
+        (keys, k_scale), (values, v_scale) = layer.kv.read(query.dtype)
     else:
-        scores = (q_kept @ layer.pruned_k.transpose(-1, -2)).float().mul_(scaling)
+        (keys, k_scale), (values, v_scale) = _read(layer.pruned_k, query.dtype), _read(layer.vals, layer.dtype)
+    scores = (q_kept @ keys.transpose(-1, -2)).float()  # q . (rows * s_t) = (q . rows) * s_t: scale the scores
+    scores.mul_(scaling if k_scale is None else (k_scale * scaling)[:, :, None, :])
     if layer.window_k.shape[-2]:  # ThinK's full-width window (empty without channel pruning)
         window = (q @ layer.window_k.transpose(-1, -2)).float().mul_(scaling)
         scores = torch.cat([scores, window], dim=-1)
@@ -71,12 +75,18 @@ def attend(layer: PrunedLayer, query: torch.Tensor, attention_mask: torch.Tensor
             visible = visible.expand(-1, h, -1, -1).gather(-1, pos)
         scores = scores.view(b, h, g, s, -1).masked_fill(~visible[:, :, None], float("-inf")).view(b, h, g * s, -1)
     probs = scores.softmax(dim=-1)
-    if isinstance(layer.vals, QuantRows):
-        rows, v_scale = layer.vals.widen(layer.dtype)
-        out = (probs if v_scale is None else probs.mul_(v_scale[:, :, None, :])).to(layer.dtype) @ rows
-    else:
-        out = probs.to(layer.dtype) @ layer.vals
+    if v_scale is not None:
+        probs.mul_(v_scale[:, :, None, :])
+    out = probs.to(values.dtype) @ values
     return out.view(b, hq, s, d).transpose(1, 2).contiguous()
+
+
+def _read(store: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rows, per-token scale or None)`` of a key or value store, quantized or not."""
+    if isinstance(store, QuantRows):
+        (part,) = store.read(dtype)
+        return part
+    return store, None
 
 
 def install(model: torch.nn.Module) -> Callable[[], None]:

@@ -1,4 +1,4 @@
-"""FP8 rows with one bf16 scale per token.
+"""FP8 rows with one bf16 scale per token (and part, when a row holds a key and a value).
 
 The scale is rounded up to bf16 (same range as fp32, half the bytes), so scaled rows never
 exceed the format's maximum and the stored scale is exactly the one used to encode.
@@ -16,22 +16,23 @@ from memwise_kvprune.rows import BF16_TINY, QuantRows, bf16_ceil
 
 @dataclass
 class FP8Rows(QuantRows):
-    """``payload * scale`` approximates the stored rows; payload [..., T, C] fp8, scale [..., T, 1] bf16."""
+    """``payload * scale`` approximates the stored rows; payload [..., T, C] fp8, scale [..., T, parts] bf16."""
 
     @classmethod
-    def encode(cls, x: torch.Tensor, fmt_name: str) -> FP8Rows:
-        """Scale each row (last dim) to the format's maximum, round onto the grid in fp32, cast.
+    def encode(cls, x: torch.Tensor, fmt_name: str, parts: int = 1) -> FP8Rows:
+        """Scale each part of each row to the format's maximum, round onto the grid in fp32, cast.
 
         Decoding encodes one token per layer per step, so this is written in few passes.
         """
         fmt = fp8_format(fmt_name)
-        x32 = x.float()
+        x32 = x.float().unflatten(-1, (parts, -1))
         scale = bf16_ceil(x32.abs().amax(dim=-1, keepdim=True).div_(fmt.max_value).clamp_(min=BF16_TINY))
-        return cls(quantize(x32 / scale, fmt), scale.to(torch.bfloat16))
+        return cls(quantize(x32 / scale, fmt).flatten(-2), scale.squeeze(-1).to(torch.bfloat16), parts)
 
     def widen(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, scale)`` with ``rows * scale`` equal to :meth:`decode`, cheaply, for attention to fold
-        ``scale`` [..., T] (fp32) into its scores and probabilities instead of scaling every element.
+        """``(rows, scale)`` with each part times its scale equal to :meth:`decode`, cheaply, for attention
+        to fold ``scale`` [..., T, parts] (fp32) into its scores and probabilities instead of scaling every
+        element.
 
         The codes become float16 bit patterns (:func:`memwise.kernels.fp8.as_float16`; a cache holds
         no NaN codes, encoding clamps), then fp32 in one vectorized cast; the power of two between
@@ -40,4 +41,4 @@ class FP8Rows(QuantRows):
         subnormal arithmetic. torch's own FP8 cast is about 8x slower.
         """
         half, factor = as_float16(self.payload, finite=True)
-        return half.to(dtype), self.scale.squeeze(-1).float() * factor
+        return half.to(dtype), self.scale.float().mul_(factor)

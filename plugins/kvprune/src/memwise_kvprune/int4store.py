@@ -1,7 +1,7 @@
 """4-bit rows: symmetric integer codes -7..7, two a byte, one bf16 scale per token and group of channels.
 
 Per-token scales (as KIVI quantizes values) keep the rows appendable: a decoded token is
-encoded alone. With one group a row the scale folds into the attention scores as FP8's
+encoded alone. With one group a part the scale folds into the attention scores as FP8's
 does; with several, ``widen`` applies them.
 """
 
@@ -24,9 +24,9 @@ class Int4Rows(QuantRows):
     width: int = 0
 
     @classmethod
-    def encode(cls, x: torch.Tensor, groups: int) -> Int4Rows:
-        """Round ``x / scale`` to the nearest code, ``groups`` equal scale groups a row; each group's scale
-        is its absolute maximum / 7, rounded up to bf16 so no code overflows."""
+    def encode(cls, x: torch.Tensor, groups: int, parts: int = 1) -> Int4Rows:
+        """Round ``x / scale`` to the nearest code, ``groups`` equal scale groups a row (a multiple of
+        ``parts``); each group's scale is its absolute maximum / 7, rounded up to bf16 so no code overflows."""
         x32 = x.float()
         *lead, t, width = x32.shape
         grouped = x32.reshape(*lead, t, groups, -1)
@@ -35,15 +35,15 @@ class Int4Rows(QuantRows):
         if width % 2:
             codes = F.pad(codes, (0, 1), value=LEVELS + 1)
         payload = codes[..., 0::2] | codes[..., 1::2].mul(16)
-        return cls(payload, scale.squeeze(-1).to(torch.bfloat16), width)
+        return cls(payload, scale.squeeze(-1).to(torch.bfloat16), parts, width)
 
     def widen(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(codes, scale [..., T])`` with one group a row; ``(decoded rows, None)`` with several."""
+        """``(codes, scale [..., T, parts])`` with one group a part; ``(decoded rows, None)`` with several."""
         p = self.payload
         codes = torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)[..., :self.width]
         rows = codes.to(torch.float32).sub_(LEVELS + 1)
         groups = self.scale.shape[-1]
-        if groups == 1:
-            return rows.to(dtype), self.scale.squeeze(-1).float()
+        if groups == self.parts:
+            return rows.to(dtype), self.scale.float()
         rows = rows.unflatten(-1, (groups, -1)).mul_(self.scale.float().unsqueeze(-1)).flatten(-2)
         return rows.to(dtype), None

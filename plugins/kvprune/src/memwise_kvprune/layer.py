@@ -7,6 +7,9 @@ Storage per layer (B rows, H KV heads, head dim D, Dk kept channels):
 - ``window_k`` [B, H, Tw, D]: full-width keys of the most recent tokens, in the model dtype
   (ThinK only; without it every key goes to ``pruned_k`` at full width);
 - ``vals`` [B, H, Tp + Tw, D]: values of every kept token (FP8 or int4 rows if asked);
+- ``kv`` [B, H, T, 2D]: instead of ``pruned_k`` and ``vals`` when quantized rows keep every
+  channel (no ThinK) and D is even: each token's key and value in one row, scaled apart, so a
+  decoding step encodes, appends and widens once per layer (the bytes are the same);
 - ``positions`` [B, H, Tp + Tw]: original positions of kept tokens, only after eviction
   (without eviction the stored tokens are exactly positions 0..seen-1).
 
@@ -76,6 +79,7 @@ class PrunedLayer(CacheLayerMixin):
         self.channels: torch.Tensor | None = None
         self.window_k: torch.Tensor | None = None
         self.vals: Any = None
+        self.kv: QuantRows | None = None
         self.positions: torch.Tensor | None = None
         self.compressed = False
         self.prompt_length = 0
@@ -158,21 +162,27 @@ class PrunedLayer(CacheLayerMixin):
             window = min(self.think.window, kept)
             self.pruned_k = self._store_keys(self._select_channels(keys[:, :, :kept - window]))
             self.window_k = keys[:, :, kept - window:].clone()
+            self.vals = self._store_values(values)
         else:  # no channel pruning: one key store, no window
-            self.pruned_k = self._store_keys(keys)
             self.window_k = keys[:, :, :0].clone()
-        self.vals = self._store_values(values)
+            if self._joint():
+                self.kv = self.quant.encode(torch.cat([keys, values], dim=-1), parts=2)
+            else:
+                self.pruned_k, self.vals = self._store_keys(keys), self._store_values(values)
         self.compressed = True
 
     # --- decoding ----------------------------------------------------------------------
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """New tokens join the full-width window under ThinK, else the (possibly quantized) key store directly."""
-        if self.channels is not None:
+        if self.kv is not None:
+            self.kv = self.kv.cat(self.quant.encode(torch.cat([key_states, value_states], dim=-1), parts=2))
+        elif self.channels is not None:
             self.window_k = torch.cat([self.window_k, key_states.to(self.dtype)], dim=-2)
+            self.vals = _cat(self.vals, self._store_values(value_states))
         else:
             self.pruned_k = _cat(self.pruned_k, self._store_keys(key_states.to(self.dtype)))
-        self.vals = _cat(self.vals, self._store_values(value_states))
+            self.vals = _cat(self.vals, self._store_values(value_states))
         if self.positions is not None:
             new = torch.arange(self.seen, self.seen + key_states.shape[-2], device=self.device)
             if self.seen + key_states.shape[-2] >= 2 ** 15 and self.positions.dtype == torch.int16:
@@ -193,6 +203,10 @@ class PrunedLayer(CacheLayerMixin):
 
     # --- storage helpers ---------------------------------------------------------------
 
+    def _joint(self) -> bool:
+        """Keys and values in one quantized row store (every channel kept, an even head dim)."""
+        return self.quant is not None and self.head_dim % 2 == 0
+
     def _select_channels(self, keys: torch.Tensor) -> torch.Tensor:
         index = self.channels.long()[:, :, None, :].expand(-1, -1, keys.shape[-2], -1)
         return keys.gather(-1, index)
@@ -204,11 +218,12 @@ class PrunedLayer(CacheLayerMixin):
         return self.quant.encode(values) if self.quant else values.contiguous()
 
     def stored_tokens(self) -> int:
-        return _tokens(self.vals)
+        return _tokens(self.vals if self.kv is None else self.kv)
 
     def nbytes(self) -> int:
         """Payload + scales + channel indices + positions, exactly."""
-        return sum(_nbytes(t) for t in (self.pruned_k, self.channels, self.window_k, self.vals, self.positions))
+        return sum(_nbytes(t) for t in (self.pruned_k, self.channels, self.window_k, self.vals, self.kv,
+                                        self.positions))
 
 
 def visible_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, seen: int,

@@ -1,9 +1,11 @@
 """Quantized token rows: the part every storage format shares (appending, byte count).
 
 A format stores ``payload`` [..., T, C'] (one byte an element, or two elements a byte) and
-``scale`` [..., T, groups] (bf16); ``widen`` gives attention ``(rows, scale)`` where
-``rows * scale[..., None]`` is the decoded tensor, or ``(decoded rows, None)`` when the scale
-cannot be folded into the scores (several groups a row).
+``scale`` [..., T, groups] (bf16). A row may hold ``parts`` equal-width tensors side by side
+(a token's key and value, so that decoding encodes, appends and widens once per layer);
+``read`` gives attention each part as ``(rows, scale)`` with ``rows * scale[..., None]`` the
+decoded part, or ``(decoded rows, None)`` when a part has several scale groups, which cannot be
+folded into the scores.
 """
 
 from __future__ import annotations
@@ -30,14 +32,25 @@ class QuantRows:
 
     payload: torch.Tensor
     scale: torch.Tensor
+    parts: int = 1
 
     def widen(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(rows [..., T, C], scale [..., T, parts] fp32)``, or ``(decoded rows, None)``."""
         raise NotImplementedError
 
+    def read(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each part as ``(rows [..., T, C / parts], scale [..., T] or None)``: views of one widening."""
+        rows, scale = self.widen(dtype)
+        width = rows.shape[-1] // self.parts
+        return [(rows[..., i * width:(i + 1) * width], None if scale is None else scale[..., i])
+                for i in range(self.parts)]
+
     def decode(self, dtype: torch.dtype) -> torch.Tensor:
-        """The stored tensor, as the attention reads it (the reference for ``widen``)."""
+        """The stored tensor, as the attention reads it (the reference for ``read``)."""
         rows, scale = self.widen(torch.float32)
-        return (rows if scale is None else rows * scale[..., None]).to(dtype)
+        if scale is not None:
+            rows = (rows.unflatten(-1, (self.parts, -1)) * scale[..., None]).flatten(-2)
+        return rows.to(dtype)
 
     def cat(self, other: QuantRows) -> QuantRows:
         """Append ``other``'s tokens (dim -2); concatenated through uint8 views (torch cannot cat fp8)."""

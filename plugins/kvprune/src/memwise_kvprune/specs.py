@@ -73,10 +73,11 @@ class FP8:
 
     format: Literal["e4m3", "e5m2"] = "e4m3"
 
-    def encode(self, x: Any) -> Any:
+    def encode(self, x: Any, parts: int = 1) -> Any:
+        """Rows of ``x`` [..., T, C], made of ``parts`` equal-width tensors scaled apart."""
         from memwise_kvprune.fp8store import FP8Rows
 
-        return FP8Rows.encode(x, self.format)
+        return FP8Rows.encode(x, self.format, parts)
 
     def row_bytes(self, width: int) -> int:
         """Bytes of one token row of ``width`` elements: a byte each plus the scale."""
@@ -94,10 +95,11 @@ class Int4:
         if self.group < 1:
             raise ValueError(f"int4 group must be >= 1, got {self.group}")
 
-    def encode(self, x: Any) -> Any:
+    def encode(self, x: Any, parts: int = 1) -> Any:
+        """Rows of ``x`` [..., T, C], made of ``parts`` equal-width tensors grouped apart."""
         from memwise_kvprune.int4store import Int4Rows
 
-        return Int4Rows.encode(x, groups_of(x.shape[-1], self.group))
+        return Int4Rows.encode(x, parts * groups_of(x.shape[-1] // parts, self.group), parts)
 
     def row_bytes(self, width: int) -> int:
         """Two elements a byte plus one bf16 scale per group."""
