@@ -12,11 +12,18 @@ A plugin that stores activations differently (Mesa's 8-bit ranges, COAT's FP8) w
 
 ``shared(codec)`` packs through ``SHARED``, so a tensor read by several layers (a norm's
 output feeding q, k and v) is stored once.
+
+The packed forms are kept on ``ctx``, where torch's saved-tensor hooks never see them; a plugin
+that moves saved tensors elsewhere (offload) also enters ``packed_store(pack, unpack)``, through
+which the tensors of every packed form kept while it is active go in forward and come back in
+backward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol
@@ -124,10 +131,64 @@ def linear_param_grads(grad: torch.Tensor, x: torch.Tensor | None, need_w: bool,
     return grad_w, grad_b
 
 
+_STORES = threading.local()
+
+
+@contextlib.contextmanager
+def packed_store(pack: Callable[[torch.Tensor], Any], unpack: Callable[[Any], torch.Tensor]):
+    """While active (in this thread), every tensor inside a packed form that the Functions here keep
+    for backward goes through ``pack`` in forward, and what ``pack`` returned through ``unpack`` in
+    backward: what ``torch.autograd.graph.saved_tensors_hooks`` does for ``save_for_backward``,
+    for the packed forms kept on ``ctx``. The innermost store applies."""
+    stack = _STORES.__dict__.setdefault("stack", [])
+    stack.append((pack, unpack))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """A tensor of a packed form as a store's ``pack`` returned it, with the store's ``unpack``."""
+
+    value: Any
+    unpack: Callable[[Any], torch.Tensor]
+
+
+def _map_tensors(obj: Any, fn: Callable[[Any], Any], match: type) -> Any:
+    """``obj`` with every ``match`` inside lists, tuples, dicts and dataclass fields replaced by ``fn(it)``."""
+    if isinstance(obj, match):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_map_tensors(o, fn, match) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, match) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _map_tensors(getattr(obj, f.name), fn, match) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    return obj
+
+
+def stash(packed: Any) -> Any:
+    """``packed`` as the active store keeps it (unchanged when none is active)."""
+    stack = getattr(_STORES, "stack", None)
+    if not stack or packed is None:
+        return packed
+    pack, unpack = stack[-1]
+    return _map_tensors(packed, lambda t: _Stored(pack(t), unpack), torch.Tensor)
+
+
+def unstash(packed: Any) -> Any:
+    """The packed form ``stash`` was given, its tensors brought back by their store."""
+    return _map_tensors(packed, lambda s: s.unpack(s.value), _Stored)
+
+
 def _keep(ctx: Any, weight: torch.Tensor, bias: torch.Tensor | None, packed: Any, dtype: Any) -> None:
-    """What a saved linear keeps: its packed input(s) and their dtype(s), whether it has a bias, and the
-    weight (through ``save_for_backward``, so autograd checks it was not changed in place)."""
-    ctx.packed, ctx.dtype, ctx.has_bias = packed, dtype, bias is not None
+    """What a saved linear keeps: its packed input(s) (through the active ``packed_store``, if any) and
+    their dtype(s), whether it has a bias, and the weight (through ``save_for_backward``, so autograd
+    checks it was not changed in place)."""
+    ctx.packed, ctx.dtype, ctx.has_bias = stash(packed), dtype, bias is not None
     ctx.save_for_backward(weight)
 
 
@@ -135,7 +196,7 @@ def _release(ctx: Any) -> tuple[torch.Tensor, Any, Any]:
     """The weight, the packed input(s) and their dtype(s); ``ctx`` lets go of the packed bytes at once."""
     (weight,) = ctx.saved_tensors
     packed, ctx.packed = ctx.packed, None
-    return weight, packed, ctx.dtype
+    return weight, unstash(packed), ctx.dtype
 
 
 class SavedLinear(torch.autograd.Function):
@@ -226,7 +287,7 @@ class SavedRecompute(torch.autograd.Function):
         if keep_rng:
             ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         out = fn(*inputs)
-        ctx.packed = [codec.pack(x) for codec, x in zip(codecs, inputs)]
+        ctx.packed = stash([codec.pack(x) for codec, x in zip(codecs, inputs)])
         ctx.dtypes = [x.dtype for x in inputs]
         ctx.save_for_backward(*params)
         return out
@@ -235,9 +296,10 @@ class SavedRecompute(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
         params = ctx.saved_tensors
         needs = ctx.needs_input_grad[4:]
+        packed, ctx.packed = unstash(ctx.packed), None
         xs = [c.unpack(p, dt).requires_grad_(bool(n))
-              for c, p, dt, n in zip(ctx.codecs, ctx.packed, ctx.dtypes, needs)]
-        ctx.packed = None
+              for c, p, dt, n in zip(ctx.codecs, packed, ctx.dtypes, needs)]
+        del packed
         rng_ctx = contextlib.nullcontext()
         if ctx.rng is not None:
             devices = [ctx.device] if ctx.device.type == "cuda" else []

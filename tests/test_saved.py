@@ -121,3 +121,51 @@ def test_the_process_wide_cache_forgets_dead_tensors():
     del out, x
     gc.collect()
     assert SHARED.live() == before
+
+
+def test_packed_store_takes_every_packed_tensor_and_gives_it_back():
+    from dataclasses import dataclass
+
+    from memwise.saved import packed_store
+
+    @dataclass
+    class Pair:
+        a: torch.Tensor
+        b: torch.Tensor
+        tag: str = "pair"
+
+    class PairCodec(Half):
+        def pack(self, x):
+            self.packs += 1
+            return Pair(x.detach().half(), torch.ones(1))
+
+        def unpack(self, packed, dtype):
+            assert isinstance(packed.a, torch.Tensor) and packed.tag == "pair"
+            return packed.a.to(dtype)
+
+    x, w, b, g, u, w2 = leaves((3, 5, 8), (6, 8), (6,), (3, 5, 8), (3, 5, 8), (6, 8))
+    want = [grads(SavedLinear.apply(x, w, b, PairCodec()), [x, w, b]),
+            grads(SavedGatedLinear.apply(g, u, w2, None, F.silu, [PairCodec(), PairCodec()]), [g, u, w2]),
+            grads(SavedRecompute.apply(torch.sin, [PairCodec()], False, 1, x), [x])]
+    kept, back = [], []
+
+    def pack(t):
+        kept.append(t.clone())
+        return len(kept) - 1  # the store holds the bytes; ctx only an index
+
+    def unpack(i):
+        back.append(i)
+        return kept[i]
+
+    with packed_store(pack, unpack):
+        outs = [SavedLinear.apply(x, w, b, PairCodec()), SavedGatedLinear.apply(g, u, w2, None, F.silu,
+                                                                                 [PairCodec(), PairCodec()]),
+                SavedRecompute.apply(torch.sin, [PairCodec()], False, 1, x)]
+    assert len(kept) == 2 * 4  # two tensors in each of the four packed forms
+    got = [grads(outs[0], [x, w, b]), grads(outs[1], [g, u, w2]), grads(outs[2], [x])]
+    assert sorted(back) == list(range(8))
+    for a, b_ in zip(got, want):
+        assert all(torch.equal(p, q) for p, q in zip(a, b_))
+    with packed_store(pack, unpack), packed_store(lambda t: t, lambda t: t):  # the innermost store applies
+        SavedLinear.apply(x, w, b, PairCodec())
+    assert len(kept) == 8

@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from memwise.memory import CATEGORIES, DEVICE_CATEGORIES
 
@@ -41,6 +42,24 @@ def memory_table(rows: list[tuple[str, dict[str, int]]], baseline: str) -> str:
     return "\n".join(lines)
 
 
+QUICK_DATA = "data.max_documents=300"
+"""The data override the benchmarks' probes and short training runs share."""
+
+
+def val_history(folder: Path) -> dict | None:
+    """A ``memwise run`` report folder's validation losses, from its last checkpoint (written before
+    the run's memory probe): first, last, steps, wall seconds; None when the run has none."""
+    import torch
+
+    ckpt = Path(folder) / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        return None
+    state = torch.load(ckpt, mmap=True, weights_only=True, map_location="cpu")
+    val = [r for r in state["memwise"]["history"] if r.get("val_loss") is not None]
+    return {"first": val[0]["val_loss"], "last": val[-1]["val_loss"], "steps": val[-1]["step"],
+            "elapsed_s": val[-1]["elapsed_s"]}
+
+
 def probe_and_step(workload: str, overrides: list[str]):
     """A reference workload (``tiny``, ``small``, ...) or a recipe file (``*.yaml``) with the plugins
     applied: its measured probe step and a step function.
@@ -53,7 +72,7 @@ def probe_and_step(workload: str, overrides: list[str]):
     from memwise.runner import Run, causal_lm_loss
 
     name = workload if workload.endswith(".yaml") else f"base/{workload}"
-    run = Run(recipe.load(name, ["data.max_documents=300", *overrides]), "fit")
+    run = Run(recipe.load(name, [QUICK_DATA, *overrides]), "fit")
     run.build()
     run.transform()
     report = run.probe_without_training()

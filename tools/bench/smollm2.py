@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MIB, interleaved, machine, probe_and_step  # noqa: E402
+from common import MIB, interleaved, machine, probe_and_step, val_history  # noqa: E402
 
 from memwise.memory import CATEGORIES  # noqa: E402
 
@@ -74,13 +74,10 @@ def step_times(variants: list[str], overrides: list[str], repeats: int) -> dict:
 
 def quality(folder: Path) -> None:
     """Validation losses from each run's last checkpoint (written before the run's memory probe)."""
-    import torch
-
     rows = {}
     for ckpt in sorted(folder.glob("*/checkpoints/last.ckpt")):
-        state = torch.load(ckpt, mmap=True, weights_only=True, map_location="cpu")
-        val = [r for r in state["memwise"]["history"] if r.get("val_loss") is not None]
-        rows[ckpt.parents[1].name] = (val[0]["val_loss"], val[-1]["val_loss"], val[-1]["step"], val[-1]["elapsed_s"])
+        h = val_history(ckpt.parents[1])
+        rows[ckpt.parents[1].name] = (h["first"], h["last"], h["steps"], h["elapsed_s"])
     base = rows["baseline"][1]
     print("| variant | val loss step 0 | final val loss | steps | vs baseline | wall s (shared machine) |")
     print("|---|---|---|---|---|---|")

@@ -142,6 +142,15 @@ def test_composes_with_mesa_and_moves_the_packed_bytes():
     grads(plain)
     # most of what travels is 8-bit: well under half the fp32 traffic
     assert offloader_of(both).pool.nbytes < 0.5 * offloader_of(plain).pool.nbytes
+    # and it does travel: Mesa keeps its packed forms on ctx, out of saved-tensor hooks' sight;
+    # the packed store hands them to offload, so the layers' 8-bit payloads leave the device
+    saved_mesa = measure(mesa_only).after_forward["activations"]
+    saved_plain = measure(plain).after_forward["activations"]  # what stays outside the layers
+    report = measure(both)
+    moved = saved_mesa - report.after_forward["activations"]
+    assert report.after_forward["activations"] - saved_plain <= 0.1 * (saved_mesa - saved_plain), (
+        report.after_forward["activations"], saved_plain, saved_mesa)
+    assert offloader_of(both).pool.nbytes >= moved, (offloader_of(both).pool.nbytes, moved)
 
 
 def test_plugin_rules():

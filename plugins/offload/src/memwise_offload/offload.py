@@ -16,6 +16,7 @@ batch b the split has steps of 1/b (it rounds to the nearest row).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memwise import NoEffectWarning, surgery
 from memwise.memory import HOST
+from memwise.saved import packed_store
 
 OWNER = "offload"
 _MARK = "_memwise_offload"  # the model's Offloader
@@ -133,9 +135,14 @@ class Offloader:
         self.groups.append(group)
         return group
 
-    def hooks(self, group: _Group) -> Any:
-        return torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, group),
-                                                        functools.partial(self._unpack, group))
+    def hooks(self, group: _Group) -> contextlib.ExitStack:
+        """Saved-tensor hooks, and the same pair as the packed store of memwise.saved, so that the
+        packed forms other plugins keep on ``ctx`` (Mesa's 8-bit payloads) are offloaded too."""
+        pack, unpack = functools.partial(self._pack, group), functools.partial(self._unpack, group)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
+        stack.enter_context(packed_store(pack, unpack))
+        return stack
 
     def _pack(self, group: _Group, t: torch.Tensor) -> Any:
         ptr = t.untyped_storage().data_ptr()
