@@ -157,16 +157,20 @@ class _Stored:
 
 
 def _map_tensors(obj: Any, fn: Callable[[Any], Any], match: type) -> Any:
-    """``obj`` with every ``match`` inside lists, tuples, dicts and dataclass fields replaced by ``fn(it)``."""
+    """``obj`` with every ``match`` inside lists, tuples, dicts and dataclass fields replaced by
+    ``fn(it)``; ``obj`` itself (not a copy) where it holds none."""
     if isinstance(obj, match):
         return fn(obj)
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_map_tensors(o, fn, match) for o in obj)
+        items = [_map_tensors(o, fn, match) for o in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn, match) for k, v in obj.items()}
+        items = {k: _map_tensors(v, fn, match) for k, v in obj.items()}
+        return obj if all(items[k] is v for k, v in obj.items()) else items
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {f.name: _map_tensors(getattr(obj, f.name), fn, match) for f in dataclasses.fields(obj) if f.init}
-        return dataclasses.replace(obj, **changes)
+        same = all(v is getattr(obj, k) for k, v in changes.items())
+        return obj if same else dataclasses.replace(obj, **changes)
     return obj
 
 
