@@ -58,6 +58,10 @@ def quantize(x: torch.Tensor, fmt: FP8Format = E4M3) -> torch.Tensor:
 
 
 _E4M3_IN_FP16 = 0xBF80 - 0x10000  # int16 mask: bit 15 (sign) and bits 7..13 (exponent, mantissa)
+FLOAT16_PLACEMENT = {torch.float8_e4m3fn: (7, _E4M3_IN_FP16, 256.0), torch.float8_e5m2: (8, -1, 1.0)}
+"""Per FP8 format: the left shift and int16 mask that place a code (read as int8) into float16's
+fields, and the power of two between that float16 and the code's value (see :func:`as_float16`;
+compiled kernels that widen codes themselves take the same three numbers)."""
 
 
 def decode(q: torch.Tensor) -> torch.Tensor:
@@ -84,10 +88,11 @@ def as_float16(q: torch.Tensor, finite: bool = False) -> tuple[torch.Tensor, flo
     """
     if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"decode takes float8_e4m3fn or float8_e5m2, not {q.dtype}")
-    bits = q.view(torch.int8).to(torch.int16)
+    shift, mask, factor = FLOAT16_PLACEMENT[q.dtype]
+    bits = q.view(torch.int8).to(torch.int16).mul_(1 << shift)
     if q.dtype == torch.float8_e5m2:
-        return bits.mul_(1 << 8).view(torch.float16), 1.0
-    half = bits.mul_(1 << 7).bitwise_and_(_E4M3_IN_FP16).view(torch.float16)
+        return bits.view(torch.float16), factor
+    half = bits.bitwise_and_(mask).view(torch.float16)
     if not finite and q.numel() and q.view(torch.uint8).bitwise_and(0x7F).max() == 0x7F:
         half.masked_fill_(q.view(torch.uint8).bitwise_and(0x7F) == 0x7F, float("nan"))
-    return half, 256.0
+    return half, factor

@@ -17,15 +17,12 @@ from typing import Any
 
 import torch
 
-from memwise.kernels.fp8 import as_float16
+from memwise.kernels.fp8 import FLOAT16_PLACEMENT, as_float16
 from memwise_kvprune.fp8store import FP8Rows
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("fp8_attention.cpp")
 _BUILT: dict[str, Any] = {}
-# per format: the left shift and mask that turn a code (read as int8) into float16 bits, and the power
-# of two between those and the code's value (memwise.kernels.fp8.as_float16 does the same)
-_WIDEN = {torch.float8_e4m3fn: (7, 0xBF80 - 0x10000, 256.0), torch.float8_e5m2: (8, -1, 1.0)}
 
 
 def _flags() -> list[str]:
@@ -92,7 +89,7 @@ def decode_attention(layer: Any, query: torch.Tensor, scaling: float, ext: Any) 
         values, value_scales = stored.payload.view(torch.uint8).reshape(n, -1, d), stored.scale.reshape(n, -1)
         q_kept = q if layer.channels is None else q.gather(-1, layer.channels.long().reshape(n, 1, -1).expand(-1, g, -1))
     window = layer.window_k.reshape(n, -1, d).float().contiguous()
-    shift, mask, factor = _WIDEN[stored.payload.dtype]
+    shift, mask, factor = FLOAT16_PLACEMENT[stored.payload.dtype]
     out = ext.fp8_decode_attention(q_kept.contiguous(), q, keys, key_scales, window, values, value_scales,
                                    _table(stored.payload.dtype), factor * scaling, scaling, factor, shift, mask)
     return out.view(b, 1, hq, d).to(query.dtype)
