@@ -12,6 +12,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 MICRO = ["model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.intermediate_size=128",
          "data.seq_len=64", "data.batch_size=4", "data.max_documents=60", "data.val_batches=1",
@@ -23,16 +27,23 @@ DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 """Overrides for two CPU processes under DDP (gloo)."""
 
 
+def tiny_llama_config(hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2, inter: int = 128,
+                      vocab: int = 260, **config: Any) -> "LlamaConfig":
+    """The config of :func:`tiny_llama`; ``config`` sets any other LlamaConfig field (e.g. ``use_cache``)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, **config)
+
+
 def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2, inter: int = 128,
-               vocab: int = 260, seed: int = 0) -> "torch.nn.Module":
+               vocab: int = 260, seed: int = 0, **config: Any) -> "LlamaForCausalLM":
     """A seeded random HF Llama small enough for unit tests (GQA: 4 query heads over 2 KV heads)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tiny_llama_config(hidden, layers, heads, kv, inter, vocab, **config))
 
 
 def run_under_triton_interpreter(script: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -12,15 +12,11 @@ from memwise import recipe
 from memwise.data.tokens import IGNORE_INDEX, ByteTokenizer
 from memwise.errors import RecipeError
 from memwise.runner import Run
-from memwise.testing import require_real_gguf, require_real_model
+from memwise.testing import require_real_gguf, require_real_model, tiny_llama
 
 
 def save_tiny(folder, layers=2, vocab=260):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                                 num_key_value_heads=2, intermediate_size=128, vocab_size=vocab)).save_pretrained(folder)
+    tiny_llama(layers=layers, vocab=vocab).save_pretrained(folder)
     return folder
 
 
@@ -151,10 +147,7 @@ def test_ids_outside_the_models_vocabulary_are_refused(micro, tmp_path):
     assert "260" in keys["tokenizer"] and "200" in keys["tokenizer"]
     assert "outside the model's vocabulary" in keys["data"]
     corpus = run.ctx.corpus
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    big = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       num_key_value_heads=1, intermediate_size=64, vocab_size=300))
+    big = tiny_llama(hidden=32, layers=1, heads=2, kv=1, inter=64, vocab=300)
     assert check_vocabulary(corpus, big, ByteTokenizer()) == []
 
 

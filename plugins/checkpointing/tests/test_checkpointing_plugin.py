@@ -6,17 +6,15 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import memwise
 from memwise.memory import llama_activation_bytes, measure_step
 from memwise_checkpointing import CheckpointingPlugin, apply_checkpointing, remove_checkpointing
+from memwise.testing import tiny_llama
 
 
 def model(seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=260))
+    return tiny_llama(layers=3, seed=seed)
 
 
 def grads(m, ids):

@@ -8,13 +8,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import memwise
 from memwise_chunked_ce.measure import head_loss_peaks
 from memwise.memory import llama_activation_bytes, logits_activation_bytes, loss_temporary_bytes, measure_step
 from memwise_chunked_ce import (ChunkedCEPlugin, apply_chunked_ce, auto_chunk_size, chunked_linear_cross_entropy,
                                 remove_chunked_ce)
+from memwise.testing import tiny_llama
 
 
 def reference(h, w, b, t, z_loss=0.0, ignore_index=-100):
@@ -94,10 +94,7 @@ def test_auto_chunk_size_follows_liger_rule():
 
 
 def llama(vocab=300, tied=True, seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=vocab,
-                                        tie_word_embeddings=tied, pad_token_id=None))
+    return tiny_llama(vocab=vocab, seed=seed, tie_word_embeddings=tied, pad_token_id=None)
 
 
 @pytest.mark.parametrize("tied", [True, False])

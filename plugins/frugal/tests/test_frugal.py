@@ -9,18 +9,15 @@ import pytest
 import torch
 from memwise import MemoryEstimate, RecipeError, RunContext, Workload
 from memwise.memory import measure_step
-from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_trained, run_cli
+from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_trained, run_cli, tiny_llama
 from memwise_frugal import FrugalAdamW, FrugalPlugin
-from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = str(ROOT / "recipes" / "frugal.yaml")
 
 
 def _model(hidden=64, layers=2, inter=128):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=inter, vocab_size=260))
+    return tiny_llama(hidden=hidden, layers=layers, inter=inter)
 
 
 def test_stateful_columns_are_adamw_on_their_block_and_the_rest_is_signsgd():

@@ -10,12 +10,11 @@ import torch
 from memwise import RecipeError, RunContext, recipe
 from memwise.cli import main
 from memwise.runner import measure_recipe
-from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_same_losses
+from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_same_losses, tiny_llama
 from memwise_coat import CoatAdamW
 from memwise_frugal import FrugalAdamW
 from memwise_fused_step import FusedStepOptimizer, FusedStepPlugin, fuse_step
 from memwise_galore import GaLoreAdamW
-from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = str(ROOT / "recipes" / "fused_step.yaml")
@@ -23,9 +22,7 @@ BASELINE = str(ROOT / "recipes" / "baseline.yaml")
 
 
 def _model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=260))
+    return tiny_llama()
 
 
 def _optimizer(model, kind):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
+from memwise import testing
 
 from memwise_kvprune.compat import cache_kwarg
 
 
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=260, max_position_embeddings=4096)
-    model = LlamaForCausalLM(config).eval()
+    model = testing.tiny_llama(layers=layers, seed=seed, max_position_embeddings=4096).eval()
     model.set_attn_implementation("sdpa")
     return model
 

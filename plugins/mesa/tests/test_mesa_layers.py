@@ -6,20 +6,18 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import memwise
 from memwise.memory import measure_step
 from memwise_mesa import apply_mesa, generic_mesa, revert_mesa
 from memwise_mesa import MesaPlugin, RangeQuantizer
 from memwise_mesa.layers import MesaLinearMixin, RangeCodec
+from memwise.testing import tiny_llama
 
 
 def llama(layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=260, use_cache=False)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(layers=layers, use_cache=False)
 
 
 def batch() -> torch.Tensor:
@@ -183,10 +181,7 @@ def test_frozen_linear_weight_saves_no_input():
 
 
 def test_attention_dropout_is_replayed_in_backward():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=260, use_cache=False, attention_dropout=0.2)
-    base = LlamaForCausalLM(cfg)
+    base = tiny_llama(use_cache=False, attention_dropout=0.2)
     mesa = copy.deepcopy(base)
     apply_mesa(mesa, stochastic=False)  # no random draws in packing: both runs see the same dropout masks
     x = batch()

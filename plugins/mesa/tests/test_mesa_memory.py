@@ -9,17 +9,14 @@ of the layer being computed in forward, falls too (bounds measured on 4 layers).
 import copy
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from memwise.memory import measure_step
 from memwise_mesa import apply_mesa
+from memwise.testing import tiny_llama
 
 
 def decoder(dtype: torch.dtype, layers: int = 4) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=344, vocab_size=260, use_cache=False)
-    return LlamaForCausalLM(cfg).model.to(dtype)
+    return tiny_llama(hidden=128, layers=layers, inter=344, use_cache=False).model.to(dtype)
 
 
 def test_activation_bytes_of_converted_layers_fall_to_a_quarter_of_fp32_and_half_of_bf16():

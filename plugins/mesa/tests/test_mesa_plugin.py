@@ -5,19 +5,17 @@ import io
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import memwise
 from memwise.context import RunContext, Workload
 from memwise.plan import check
 from memwise_mesa import MesaPlugin, apply_mesa, load_ranges_state_dict, ranges_state_dict, rounding
+from memwise.testing import tiny_llama
 
 
 def llama(hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=2 * hidden, vocab_size=260, use_cache=False)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(hidden=hidden, layers=layers, inter=2 * hidden, use_cache=False)
 
 
 def test_metadata_and_capability():

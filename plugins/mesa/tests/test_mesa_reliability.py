@@ -6,13 +6,11 @@ import math
 
 import torch
 from memwise_mesa import apply_mesa
-from transformers import LlamaConfig, LlamaForCausalLM
+from memwise.testing import tiny_llama
 
 
 def _llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=260))
+    return tiny_llama()
 
 
 def test_fp16_grad_scaler_with_mesa_backward():

@@ -7,20 +7,17 @@ import gc
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import memwise
 from memwise.memory import HOST, llama_activation_bytes, measure_step
 from memwise_offload import OffloadPlugin, apply_offload, offloader_of, remove_offload
+from memwise.testing import tiny_llama
 
 LAYERS = 4
 
 
 def llama(seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=260,
-                                        pad_token_id=None))
+    return tiny_llama(layers=LAYERS, seed=seed, pad_token_id=None)
 
 
 IDS = torch.randint(0, 260, (4, 64), generator=torch.Generator().manual_seed(1))
