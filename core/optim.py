@@ -10,14 +10,16 @@ from typing import Any, Literal
 
 import torch
 
+from memwise.errors import Problem
 from memwise.schema import option
 
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "adam", "sgd"] = option("adamw", "optimizer (registered name)")
+    name: Literal["adamw", "adam", "sgd", "adamw8bit"] = option(
+        "adamw", "optimizer (registered name); adamw8bit is bitsandbytes' AdamW8bit (pip install bitsandbytes)")
     lr: float = option(3.0e-4, "peak learning rate", gt=0)
-    weight_decay: float = option(0.0, "decoupled weight decay (adamw) or L2 (adam, sgd)", ge=0)
+    weight_decay: float = option(0.0, "decoupled weight decay (adamw, adamw8bit) or L2 (adam, sgd)", ge=0)
     betas: list[float] = option([0.9, 0.95], "Adam betas", ge=0, lt=1)
     eps: float = option(1.0e-8, "Adam epsilon", gt=0)
     momentum: float = option(0.0, "SGD momentum", ge=0, lt=1)
@@ -51,22 +53,49 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "adamw8bit":
+        import bitsandbytes  # checked at validation (optimizer_problems)
+
+        return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
 ADAM_STEP_BYTES = 4
 """The fp32 ``step`` tensor torch's Adam and AdamW keep per parameter."""
 
+BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
+"""bitsandbytes' AdamW8bit: tensors of at least 4,096 elements get uint8 moments with one fp32 absmax per
+block of 256; smaller ones fp32 moments. Its two 256-entry fp32 code maps are shared by every tensor."""
+
+
+def optimizer_problems(cfg: OptimizerConfig) -> list[Problem]:
+    """An optimizer whose package is missing is a recipe problem, not an import error mid-run."""
+    import importlib.util
+
+    if cfg.name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        return [Problem("optimizer.name", "adamw8bit is bitsandbytes' AdamW8bit, which is not installed: "
+                        "pip install bitsandbytes (or use adamw)")]
+    return []
+
+
+def _bnb_8bit_bytes(numels: list[int]) -> int:
+    total = sum(2 * n + 2 * 4 * -(-n // BNB_BLOCK) if n >= BNB_MIN_8BIT else 2 * 4 * n for n in numels)
+    return total + (2 * 256 * 4 if any(n >= BNB_MIN_8BIT for n in numels) else 0)
+
 
 def state_bytes(params: Iterable[torch.Tensor], optimizer: str | OptimizerConfig = "adamw") -> int:
     """Optimizer-state bytes of ``params`` after the first step, exactly as torch allocates them.
 
     The one place the formula lives: Adam/AdamW keep two moments shaped like the parameter
-    plus a 4-byte ``step``; SGD keeps a momentum buffer when momentum is on. Plugins whose
-    optimizer leaves some parameters in plain AdamW count those with this function.
+    plus a 4-byte ``step``; SGD keeps a momentum buffer when momentum is on; AdamW8bit as
+    :data:`BNB_MIN_8BIT` says. Plugins whose optimizer leaves some parameters in plain AdamW
+    count those with this function.
     """
     cfg = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(name=optimizer)
+    params = list(params)
     sizes = [p.numel() * p.element_size() for p in params]  # torch allocates zeros_like(p) per parameter
+    if cfg.name == "adamw8bit":
+        return _bnb_8bit_bytes([p.numel() for p in params])
     if cfg.name in ("adamw", "adam"):
         return sum(2 * size + ADAM_STEP_BYTES for size in sizes)
     if cfg.momentum:

@@ -25,7 +25,7 @@ from memwise.data.datasets import DATASETS, DataConfig
 from memwise.data.tokens import TokenizerConfig, check_tokenizer
 from memwise.errors import MemwiseError, Problem, RecipeError
 from memwise.models import ModelConfig, check_model
-from memwise.optim import OptimizerConfig, SchedulerConfig
+from memwise.optim import OptimizerConfig, SchedulerConfig, optimizer_problems
 from memwise.plugin import Plugin
 from memwise.schema import build, check, option, suggest
 from memwise.sharding import FsdpConfig
@@ -363,6 +363,9 @@ def validate(raw: dict, stage: str, source: str = "") -> Recipe:
     problems: list[Problem] = []
     top = {k: v for k, v in raw.items() if k not in ("data", "plugins")}
     problems += check(RecipeConfig, top)
+    opt_raw = raw.get("optimizer") or {}
+    if isinstance(opt_raw, dict) and not check(OptimizerConfig, opt_raw, "optimizer"):
+        problems += optimizer_problems(build(OptimizerConfig, opt_raw, "optimizer"))
     plugin_list = raw.get("plugins", []) or []
     if not isinstance(plugin_list, list):
         problems.append(Problem("plugins", f"expected a list of {{use: NAME, with: {{...}}}}, got {plugin_list!r}"))

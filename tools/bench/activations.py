@@ -5,7 +5,7 @@ checkpointing, Mesa, offload, offload + Mesa, chunked CE and the full compositio
     python tools/bench/activations.py [--time] [--vocab 32768,260] [--only a,b] [--batch N]
     python tools/bench/activations.py --quality tiny --steps 50 --vocab 32768 [--only a,b]
     python tools/bench/activations.py --head        # LM head + loss alone at SmolLM2's shapes
-    python tools/bench/activations.py --tiny-time   # step-time ratios on tiny's shape, 32k vocabulary
+    python tools/bench/activations.py --tiny-time [--vocab 32768,260] [--batch 4]   # step times on tiny
 
 Memory is measured exactly with MemTracker on a probe step (DESIGN.md section 7); host bytes
 (offload) come from the host ledger, counted for this variant only. Step times are medians of
@@ -63,39 +63,26 @@ def head_share(tokens: int, hidden: int, vocab: int) -> None:
           f"{base / 2**20:,.1f} MiB -> {chunked / 2**20:,.1f} MiB ({base / chunked:.1f}x)\n")
 
 
-def tiny_times(vocab: int, batch: int, seq: int) -> None:
-    """Step time ratios on `tiny`'s model shape (hidden 256, 4 layers) with one fixed batch, interleaved."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from memwise_chunked_ce import apply_chunked_ce
-    from memwise_offload import apply_offload
-
-    def model(apply=None):
-        torch.manual_seed(0)
-        m = LlamaForCausalLM(LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=688, vocab_size=vocab,
-                                         pad_token_id=None))
-        if apply:
-            apply(m)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        ids = torch.randint(0, 260, (batch, seq))
-
-        def step() -> None:
-            m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    fns = {"baseline": model(), "chunked_ce": model(apply_chunked_ce), "offload": model(apply_offload),
-           "offload fraction 0.5": model(lambda m: apply_offload(m, fraction=0.5)),
-           "checkpoint-like (offload fraction 0)": model(lambda m: apply_offload(m, fraction=0.0))}
-    t = interleaved(fns)
-    print(f"step time on tiny's shape, vocabulary {vocab}, batch {batch} x {seq} (median of 5 interleaved; "
-          f"baseline {t['baseline']:.2f} s):\n\n| variant | step time / baseline |\n|---|---|")
-    for name, sec in t.items():
-        print(f"| {name} | {sec / t['baseline']:.2f} |")
+def tiny_times(vocab: int, batch: int, names: list[str]) -> None:
+    """Step-time ratios of the fp32 variants on `tiny` (hidden 256, 4 layers, seq 256) through the
+    recipe path, one fixed batch each, interleaved; wall time and process CPU time (which leaves out
+    the time other jobs held the cores of a shared machine)."""
+    steps = {}
+    for name in names:
+        if "bf16" in name:
+            continue
+        _, steps[name] = probe_and_step("tiny", [f"model.config.vocab_size={vocab}", f"data.batch_size={batch}",
+                                                 *VARIANTS[name]])
+        gc.collect()
+    wall = interleaved(steps)
+    cpu = interleaved(steps, warmup=0, clock=time.process_time)
+    base = "baseline" if "baseline" in steps else next(iter(steps))
+    print(f"### step time on `tiny`, vocabulary {vocab}, batch {batch} x 256 (median of 5 interleaved; "
+          f"{base} {wall[base]:.3f} s wall, {cpu[base]:.3f} s CPU)\n\n"
+          f"| variant | step time / {base}, wall | step time / {base}, CPU time |\n|---|---|---|")
+    for name in steps:
+        print(f"| {name} | {wall[name] / wall[base]:.2f} | {cpu[name] / cpu[base]:.2f} |")
+    print(flush=True)
 
 
 def slug(name: str) -> str:
@@ -186,19 +173,20 @@ def main() -> None:
                              "table the validation losses and the runs' measured peaks")
     parser.add_argument("--steps", type=int, default=50, help="training steps for --quality")
     parser.add_argument("--head", action="store_true", help="only the LM head + loss at SmolLM2's shapes")
-    parser.add_argument("--tiny-time", action="store_true", help="only step-time ratios on tiny's shape")
+    parser.add_argument("--tiny-time", action="store_true", help="only step-time ratios of the fp32 variants on tiny")
     args = parser.parse_args()
     if args.head:
         head_share(1024, 576, 49152)
-        return
-    if args.tiny_time:
-        tiny_times(32768, 4, 256)
         return
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     unknown = set(filter(None, args.only.split(","))) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
     print(f"machine: {machine()}\n")
+    if args.tiny_time:
+        for vocab in [int(v) for v in args.vocab.split(",")]:
+            tiny_times(vocab, args.batch or 4, names)
+        return
     if args.quality:
         for vocab in [int(v) for v in args.vocab.split(",")]:
             quality(args.quality, vocab, names, args.batch, args.steps, args.out)
