@@ -86,11 +86,18 @@ def test_bad_shapes_are_clear_errors():
         chunked_linear_cross_entropy(h, w[:, :-1], t)
 
 
-def test_auto_chunk_size_follows_liger_rule():
-    # SmolLM2 (hidden 576, vocab 49,152) on 8 x 512 tokens: ceil(49152/576) = 86 -> 4096/86 = 47.6 -> 64
-    assert auto_chunk_size(4096, 576, 49152) == 64
+def test_auto_chunk_size_follows_liger_rule_above_a_floor():
+    # Liger's rule: SmolLM2 (hidden 576, vocab 49,152) on 8 x 512 tokens: 4096 / ceil(49152/576) = 47.6 -> 64,
+    # raised to the floor min(128, 4096 / 16) = 128 rows
+    assert auto_chunk_size(4096, 576, 49152) == 128
+    # tiny at 32k vocabulary, 1,024 tokens: Liger's 8 rows, the floor 1024 / 16 = 64
+    assert auto_chunk_size(1024, 256, 32768) == 64
+    # many tokens: Liger's rule is above the floor (65536 / 86 = 762.1 -> 1024)
+    assert auto_chunk_size(65536, 576, 49152) == 1024
     assert auto_chunk_size(3, 64, 100) == 2
     assert auto_chunk_size(1, 64, 100000) == 1
+    for tokens in (100, 1000, 3000):  # where the floor decides, a chunk is at most 1/16 of the tokens
+        assert auto_chunk_size(tokens, 64, 32768) <= max(1, tokens // 16)
 
 
 def llama(vocab=300, tied=True, seed=0):

@@ -16,11 +16,20 @@ import math
 import torch
 
 
+MIN_ROWS, MAX_SHARE = 128, 16
+"""A chunk has at least min(128, tokens / 16) rows (a power of two, rounded down)."""
+
+
 def auto_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk so that one chunk's logits are about as large as the hidden states
-    (Liger's rule: the next power of two of tokens / ceil(vocab / hidden))."""
+    """Tokens per chunk: Liger's rule (the next power of two of tokens / ceil(vocab / hidden), so
+    that one chunk's logits are about as large as the hidden states), but at least
+    min(128, tokens / 16) rows. Backward adds each chunk's head-weight gradient into one (V, H)
+    accumulator, a full pass over it per chunk: with chunks of a few rows that pass costs more than
+    the matmuls (on CPU, at 1,024 tokens and vocabulary 32k, 8-row chunks took 7.7x the unchunked
+    head's time, 64-row 1.2-1.8x). The floor keeps a chunk's logits at most 1/16 of the full ones."""
     rows = max(1, math.ceil(tokens / max(1, math.ceil(vocab / hidden))))
-    return 1 << (rows - 1).bit_length()
+    floor = max(1, min(MIN_ROWS, tokens // MAX_SHARE))
+    return max(1 << (rows - 1).bit_length(), 1 << (floor.bit_length() - 1))
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -85,8 +94,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
             grad = grad.to(hidden.dtype)
             if grad_h is not None:
                 grad_h[s:e] = grad @ weight.to(hidden.dtype)
-            if grad_w is not None:
-                grad_w += (grad.t() @ h).float()
+            if grad_w is not None:  # accumulated in place: no (V, H) temporary per chunk
+                if grad.dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h)
+                else:
+                    grad_w += (grad.t() @ h).float()
             del grad
         return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None, None, None)
