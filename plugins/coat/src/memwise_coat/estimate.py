@@ -29,8 +29,9 @@ def optimizer_delta(model: nn.Module, config: Any, shards: int = 1) -> tuple[int
         coat += coat_param_state_bytes(p, q, layout, shards)
     base = adamw_state_bytes([shard_of(p, shards) for p in params])
     total = sum(p.numel() for p in params)
-    note = (f"optimizer state {coat / max(total, 1):.3f} B/param ({quantized:,} of {total:,} parameters in FP8 "
-            f"groups of {config.group_size})")
+    per_rank = f", per rank of {shards} (groups within each shard)" if shards > 1 else ""
+    note = (f"optimizer state {coat * shards / max(total, 1):.3f} B/param ({quantized:,} of {total:,} parameters in "
+            f"FP8 groups of {config.group_size}{per_rank})")
     return coat - base, note
 
 
