@@ -152,10 +152,6 @@ class CoatState:
         """``moment``'s per-group metadata by codec field (``scale``, ``expand``, ``centre``)."""
         return {field: state[f"{moment}_{field}"] for field in self.codec(moment).metadata_keys()}
 
-    def codes(self, state: Mapping[str, torch.Tensor], moment: str) -> torch.Tensor:
-        """``moment``'s FP8 codes (shaped like the parameter)."""
-        return state[moment]
-
     def load(self, state: Mapping[str, torch.Tensor], moment: str) -> torch.Tensor:
         """The dequantized fp32 moment of a local state (shape of its codes)."""
         c = self.codec(moment)
