@@ -23,6 +23,9 @@ class Workload:
     batch_size: int
     seq_len: int
     precision: str = "32-true"
+    shards: int = 1
+    """Processes FSDP2 shards each parameter over (dim 0): a plugin's delta to parameters, gradients
+    or optimizer state is then one rank's, against the sharded baseline."""
 
     @property
     def activation_dtype(self) -> torch.dtype:

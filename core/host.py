@@ -119,7 +119,8 @@ class PluginHost:
         for plugin in self.plugins:
             if self.implements(plugin, "memwise_estimate_memory"):
                 compute = functools.partial(self._estimate_one, plugin, ctx)
-                delta = compute(current) if memo is None else memo.delta(plugin, current, compute)
+                shards = getattr(getattr(ctx, "workload", None), "shards", 1)
+                delta = compute(current) if memo is None else memo.delta(plugin, current, compute, shards)
                 current = current.apply(delta)
                 rows.append((f"+ {plugin.name}", current, getattr(delta, "note", "") if delta else "no change"))
             if transform:
@@ -277,7 +278,8 @@ def check_plugin(plugin: Plugin) -> None:
 class EstimateMemo:
     """Plugins' estimate deltas kept across the hosts of one plan, over one model and workload that
     never change: by plugin and settings when the plugin did not read the estimate it was given (its
-    delta then holds for every combination), else by plugin, settings and that estimate."""
+    delta then holds for every combination), else by plugin, settings and that estimate; and by the
+    number of shards for a plugin that sizes one rank's shard (``Plugin.per_rank_state``)."""
 
     def __init__(self) -> None:
         self._by_settings: dict[tuple, Any] = {}
@@ -285,9 +287,10 @@ class EstimateMemo:
         self.calls = 0
         """How many estimate hooks actually ran."""
 
-    def delta(self, plugin: Plugin, current: MemoryEstimate, compute: Any) -> Any:
-        """``compute(estimate)``'s delta for ``plugin`` given ``current``, computed at most once."""
-        settings = (type(plugin), repr(plugin.config))
+    def delta(self, plugin: Plugin, current: MemoryEstimate, compute: Any, shards: int = 1) -> Any:
+        """``compute(estimate)``'s delta for ``plugin`` given ``current`` on ``shards`` FSDP2 ranks,
+        computed at most once."""
+        settings = (type(plugin), repr(plugin.config), shards if plugin.per_rank_state else 1)
         if settings in self._by_settings:
             return self._by_settings[settings]
         key = (*settings, repr(current))

@@ -10,6 +10,7 @@ declares (``Plugin.slowdown``), then by peak.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -309,8 +310,8 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
     """Per-rank prediction for ``plugins`` (instances, plan order) on ``model`` (meta or real);
     ``memo`` shares work between the candidates of one plan."""
     memo = memo or PlanMemo()
-    ctx = RunContext(stage="fit", plugins=plugins, recipe={"optimizer": {"name": optimizer}}, workload=workload,
-                     config=memo.config(optimizer))
+    ctx = RunContext(stage="fit", plugins=plugins, recipe={"optimizer": {"name": optimizer}},
+                     workload=dataclasses.replace(workload, shards=devices), config=memo.config(optimizer))
     ctx.model = model
     state = memo.sizes_of(model, workload, 1)
     batch, seq, precision = workload.batch_size, workload.seq_len, workload.precision

@@ -55,6 +55,9 @@ class Plugin:
     strategies: ClassVar[tuple[str, ...]] = ("auto", "ddp", "ddp_spawn", "single_device")
     strategy_notes: ClassVar[dict[str, str]] = {}
     """Why a strategy outside ``strategies`` is refused and what to do instead (shown in the error)."""
+    per_rank_state: ClassVar[bool] = False
+    """True when the plugin's estimate of parameters, gradients or optimizer state is one rank's
+    FSDP2 shard, read from ``ctx.workload.shards`` (``memwise plan`` then asks it per device count)."""
     planned: ClassVar[bool] = True
     """False for plugins that change what is trained (pruning, data): ``memwise plan`` then leaves
     them out of its combinations."""

@@ -120,14 +120,19 @@ def test_decomposition_composes_with_fsdp(tmp_path):
                         "model.config.intermediate_size=128")
 
 
-@pytest.mark.parametrize("plugin, reason", [("coat", "DTensor shards"), ("mesa", "per-rank buffers"),
-                                            ("loram", "NF4")])
+@pytest.mark.parametrize("plugin, reason", [("mesa", "per-rank buffers"), ("loram", "NF4")])
 def test_plugins_that_cannot_shard_refuse_with_the_reason(cli, plugin, reason):
     code, _, err = cli("validate", MICRO, *FSDP, f"plugins=[{{use: {plugin}}}]")
     assert code == 2
     flat = " ".join(err.split())
     assert f"plugin '{plugin}' supports strategies" in flat and "not 'fsdp'" in flat and reason in flat, flat
     assert "trainer.strategy=ddp" in flat
+
+
+def test_coat_is_accepted_under_fsdp(cli):
+    """COAT quantizes each rank's shard (plugins/coat/tests/test_coat_fsdp.py runs it)."""
+    code, _, err = cli("validate", MICRO, *FSDP, "plugins=[{use: coat}]")
+    assert code == 0, err
 
 
 def test_fsdp_needs_a_number_of_devices():

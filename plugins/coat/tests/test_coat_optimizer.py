@@ -6,7 +6,7 @@ import pytest
 import torch
 from memwise_coat import CoatAdamW
 from memwise_coat.quantization import codec, dequantize_groups, expansion_exponent, quantize_groups
-from memwise_coat.update import load_moment
+from memwise_coat.state import CoatState
 
 
 def _pair(shape, seed=0, **coat):
@@ -43,7 +43,7 @@ def test_moment_errors_with_resynchronised_reference():
     """bitsandbytes' protocol: each step the reference restarts from our dequantized moments."""
     shape = (1024, 32)
     a, b, ref, ours = _pair(shape)
-    first, second = CoatAdamW.codecs(ours.param_groups[0])
+    layout = CoatState.of_group(ours.param_groups[0])
     errors = []
     for step in range(50):
         a.grad = _grad(shape, step) * (1 + step % 7)
@@ -51,7 +51,7 @@ def test_moment_errors_with_resynchronised_reference():
         ref.step()
         ours.step()
         st = ours.state[b]
-        m, v = load_moment(st, "exp_avg", first), load_moment(st, "exp_avg_sq", second)
+        m, v = layout.load(st, "exp_avg"), layout.load(st, "exp_avg_sq")
         errors.append((_rel(ref.state[a]["exp_avg"], m), _rel(ref.state[a]["exp_avg_sq"], v)))
         ref.state[a]["exp_avg"].copy_(m)
         ref.state[a]["exp_avg_sq"].copy_(v)
@@ -218,8 +218,8 @@ def test_torch_adamw_conversion_both_ways():
     ref = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.01)
     ref.load_state_dict(plain)
     assert ref.state[p]["exp_avg"].dtype == torch.float32
-    first, _ = CoatAdamW.codecs(ours.param_groups[0])
-    assert torch.equal(ref.state[p]["exp_avg"], load_moment(ours.state[b], "exp_avg", first))
+    layout = CoatState.of_group(ours.param_groups[0])
+    assert torch.equal(ref.state[p]["exp_avg"], layout.load(ours.state[b], "exp_avg"))
     _train(ours, b, 3, start=3)
     _train(ref, p, 3, start=3)
     torch.testing.assert_close(b.detach(), p.detach(), rtol=2e-2, atol=2e-3)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
-
-from memwise_coat.groups import COAT_KEYS, group_codecs, is_quantized
-from memwise_coat.quantization import quantize_groups
-from memwise_coat.update import MOMENTS, load_moment
+from memwise_coat.groups import COAT_KEYS
+from memwise_coat.state import CoatState
 
 _TORCH_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                    "differentiable": False, "fused": None, "decoupled_weight_decay": True}
@@ -22,14 +19,7 @@ def _group_of(state_dict: dict) -> dict[int, dict]:
 def to_torch_adamw(state_dict: dict) -> dict:
     """A CoatAdamW state dict with dequantized fp32 moments and torch AdamW's group keys."""
     groups = _group_of(state_dict)
-    state = {}
-    for idx, s in state_dict["state"].items():
-        if is_quantized(s):
-            first, second = group_codecs(groups[idx])
-            state[idx] = {"step": s["step"].clone(), "exp_avg": load_moment(s, "exp_avg", first),
-                          "exp_avg_sq": load_moment(s, "exp_avg_sq", second)}
-        else:
-            state[idx] = {k: v.clone() for k, v in s.items()}
+    state = {idx: CoatState.of_group(groups[idx]).to_adamw(s) for idx, s in state_dict["state"].items()}
     param_groups = []
     for g in state_dict["param_groups"]:
         g = {k: copy.copy(v) for k, v in g.items() if k not in COAT_KEYS}
@@ -43,17 +33,7 @@ def from_torch_adamw(state_dict: dict, optimizer: Any) -> dict:
     state = {}
     for idx, s in state_dict["state"].items():
         p, group = slots[idx]
-        if "max_exp_avg_sq" in s:
-            raise ValueError("cannot convert an amsgrad AdamW state to CoatAdamW")
-        entry = {"step": torch.as_tensor(s["step"], dtype=torch.float32).clone()}
-        if not optimizer.quantizes(p, group):
-            entry.update(exp_avg=s["exp_avg"].clone(), exp_avg_sq=s["exp_avg_sq"].clone())
-        else:
-            for moment, c in zip(MOMENTS, optimizer.codecs(group)):
-                packed = quantize_groups(s[moment].float(), c)
-                entry[moment] = packed.pop("q")
-                entry.update({f"{moment}_{k}": v for k, v in packed.items()})
-        state[idx] = entry
+        state[idx] = CoatState.of_group(group).from_adamw(s, p, optimizer.quantizes(p, group))
     param_groups = []
     for g, mine in zip(state_dict["param_groups"], optimizer.param_groups):
         g = {k: v for k, v in g.items() if k not in _TORCH_DEFAULTS}

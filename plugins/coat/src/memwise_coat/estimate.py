@@ -11,24 +11,27 @@ from torch import nn
 from memwise_coat.activation_quant import ACT_GROUP, CHUNK
 from memwise_coat.quantization import codec
 from memwise_coat.selection import fp32_parameters
-from memwise_coat.state_bytes import adamw_state_bytes, coat_param_state_bytes
+from memwise_coat.state import CoatState
+from memwise_coat.state_bytes import adamw_state_bytes, coat_param_state_bytes, shard_of
 
 
-def optimizer_delta(model: nn.Module, config: Any) -> tuple[int, str]:
-    """CoatAdamW's state minus torch AdamW's, for the model's trainable parameters."""
-    first = codec("e4m3", config.group_size, config.expansion, config.min_expansion)
-    second = codec(config.second_moment_format, config.group_size, config.expansion, config.min_expansion)
+def optimizer_delta(model: nn.Module, config: Any, shards: int = 1) -> tuple[int, str]:
+    """CoatAdamW's state minus torch AdamW's, for the model's trainable parameters, on one rank of
+    ``shards`` (FSDP2 shards each parameter on dim 0; groups lie within each shard)."""
+    layout = CoatState(codec("e4m3", config.group_size, config.expansion, config.min_expansion),
+                       codec(config.second_moment_format, config.group_size, config.expansion, config.min_expansion))
     keep = {id(p) for p in fp32_parameters(model, config.keep_fp32)}
     params = [p for p in model.parameters() if p.requires_grad]
     coat, quantized = 0, 0
     for p in params:
         q = id(p) not in keep and p.numel() >= config.min_numel
         quantized += p.numel() if q else 0
-        coat += coat_param_state_bytes(p, q, first, second)
-    base = adamw_state_bytes(params)
+        coat += coat_param_state_bytes(p, q, layout, shards)
+    base = adamw_state_bytes([shard_of(p, shards) for p in params])
     total = sum(p.numel() for p in params)
-    note = (f"optimizer state {coat / max(total, 1):.3f} B/param ({quantized:,} of {total:,} parameters in FP8 "
-            f"groups of {config.group_size})")
+    per_rank = f", per rank of {shards} (groups within each shard)" if shards > 1 else ""
+    note = (f"optimizer state {coat * shards / max(total, 1):.3f} B/param ({quantized:,} of {total:,} parameters in "
+            f"FP8 groups of {config.group_size}{per_rank})")
     return coat - base, note
 
 

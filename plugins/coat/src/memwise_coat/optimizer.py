@@ -8,10 +8,11 @@ from typing import Any
 import torch
 
 from memwise_coat.conversion import from_torch_adamw, to_torch_adamw
-from memwise_coat.groups import group_codecs, is_quantized
+from memwise_coat.groups import group_codecs
 from memwise_coat.quantization import MIN_EXPANSION
 from memwise_coat.scalars import StepScalars
-from memwise_coat.update import MOMENTS, adamw_update_, fp8_step
+from memwise_coat.state import MOMENTS, STEP, CoatState, is_quantized, local_tensor
+from memwise_coat.update import adamw_update_, fp8_step
 
 # torch.optim.AdamW group options CoatAdamW does not support, with the value it requires.
 _UNSUPPORTED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
@@ -23,7 +24,8 @@ class CoatAdamW(torch.optim.Optimizer):
 
     The update is torch.optim.AdamW's. Parameters below ``min_numel`` elements, and those in
     ``fp32_params`` (embeddings and norms, chosen by the caller), keep fp32 moments and get
-    exactly torch's update. Per-group options (saved in the state dict): ``group_size``,
+    exactly torch's update. FSDP2 (DTensor) parameters are updated on their local shards, in
+    groups within each shard, with the state sharded alike (memwise_coat.state). Per-group options (saved in the state dict): ``group_size``,
     ``expansion``, ``second_moment_format`` ("e4m3" or "e5m2"), ``min_numel``, ``min_expansion``.
     """
 
@@ -70,18 +72,8 @@ class CoatAdamW(torch.optim.Optimizer):
         return id(p) not in self._fp32_ids and p.numel() >= group["min_numel"]
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        quantize = self.quantizes(p, group)
         state = self.state[p]
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if not quantize:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return state
-        for moment, c in zip(MOMENTS, self.codecs(group)):
-            groups = c.num_groups(p.numel())
-            state[moment] = torch.zeros(p.shape, dtype=c.fmt.dtype, device=p.device)
-            for key in c.metadata_keys():
-                state[f"{moment}_{key}"] = torch.ones(groups, dtype=torch.float32, device=p.device)
+        state.update(CoatState.of_group(group).create(p, self.quantizes(p, group)))
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -93,7 +85,7 @@ class CoatAdamW(torch.optim.Optimizer):
             p = id_map[old]
             state = self.state[p]
             for key, value in saved.items():
-                if key != "step" and isinstance(value, torch.Tensor) and state[key].dtype != value.dtype:
+                if key != STEP and isinstance(value, torch.Tensor) and state[key].dtype != value.dtype:
                     state[key] = value.to(device=p.device, copy=True)
 
     # --- the step ---------------------------------------------------------------------------
@@ -114,12 +106,15 @@ class CoatAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, group)
-                state["step"] += 1
-                s = StepScalars(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"].item())
-                if is_quantized(state):
-                    fp8_step(p, p.grad, state, s, *self.codecs(group))
+                state[STEP] += 1
+                s = StepScalars(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state[STEP].item())
+                layout = CoatState.of_group(group)
+                # FSDP2: this rank's shard of a DTensor parameter, quantized in groups of its own
+                local, shard, grad = layout.local(state), local_tensor(p), local_tensor(p.grad)
+                if is_quantized(local):
+                    fp8_step(shard, grad, local, s, *layout.codecs)
                 else:
-                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], s)
+                    adamw_update_(shard, grad, *(local[m] for m in MOMENTS), s)
         return loss
 
     # --- no lock-in -------------------------------------------------------------------------

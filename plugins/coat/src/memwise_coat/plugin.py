@@ -16,9 +16,8 @@ class CoatPlugin(memwise.Plugin):
     summary = "FP8 optimizer states (dynamic range expansion) and mixed-granularity FP8 activations"
     phase = "replace"
     distribution = "memwise-coat"
-    strategy_notes = {"fsdp": "COAT's FP8 optimizer quantizes whole parameters in groups of 128 and does not yet "
-                               "handle FSDP2's DTensor shards (groups within each local shard, 1/N of the state per "
-                               "rank); use trainer.strategy=ddp with coat, or fsdp without it"}
+    strategies = (*memwise.Plugin.strategies, "fsdp")  # each rank quantizes its own shard (memwise_coat.state)
+    per_rank_state = True  # its optimizer-state delta is one rank's shard's (groups within each shard)
     required_on_load = True  # its optimizer state holds FP8 moments a torch AdamW cannot load as they are
     capability_switch: ClassVar[dict[str, str]] = {"activation.storage": "coat.activations: false"}
 
@@ -95,7 +94,8 @@ class CoatPlugin(memwise.Plugin):
 
         notes, delta = [], MemoryDelta()
         if self.config.optimizer:
-            delta.optimizer_state, note = optimizer_delta(ctx.model, self.config)
+            shards = ctx.workload.shards if ctx.workload else 1  # FSDP2: each rank's shard of the state
+            delta.optimizer_state, note = optimizer_delta(ctx.model, self.config, shards)
             notes.append(note)
         if self.config.activations:
             delta.activations, note = activation_delta(ctx.model, ctx.workload, self.config)

@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from memwise_coat.quantization import MomentCodec, dequantize_groups, quantize_groups
+from memwise_coat.quantization import MomentCodec
 from memwise_coat.scalars import StepScalars
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def moment_meta(state: dict, moment: str, c: MomentCodec) -> dict[str, torch.Tensor]:
-    return {key: state[f"{moment}_{key}"] for key in c.metadata_keys()}
-
-
-def load_moment(state: dict, moment: str, c: MomentCodec) -> torch.Tensor:
-    """The dequantized fp32 moment (shape of the parameter)."""
-    return dequantize_groups(state[moment], moment_meta(state, moment, c), c)
-
-
-def store_moment(state: dict, moment: str, value: torch.Tensor, c: MomentCodec) -> None:
-    """Quantize ``value`` into the state's existing tensors (no new allocations kept)."""
-    packed = quantize_groups(value, c, out=state[moment])
-    packed.pop("q")
-    for key, t in packed.items():
-        state[f"{moment}_{key}"].copy_(t)
+from memwise_coat.state import MOMENTS, CoatState
 
 
 def adamw_update_(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: StepScalars) -> None:
@@ -41,43 +23,35 @@ CHUNK = 1 << 19
 none) while keeping the per-operation overhead of eager torch small beside the work."""
 
 
-def _chunk_state(state: dict, start: int, stop: int, group: int) -> dict:
-    """Views of a parameter's state for elements [start, stop) (group-aligned)."""
-    out = {}
-    for key, t in state.items():
-        if key in MOMENTS:
-            out[key] = t.view(-1)[start:stop]
-        elif key != "step":
-            out[key] = t[start // group: -(-stop // group)]
-    return out
-
-
 def fp8_step_reference(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepScalars,
                        first: MomentCodec, second: MomentCodec) -> None:
     """Dequantize both moments, update parameter and moments, requantize: the oracle of the kernel.
 
     Works through the parameter in group-aligned chunks, so its fp32 temporaries stay small.
     """
+    layout = CoatState(first, second)
     flat_p, flat_g = p.detach().view(-1), grad.reshape(-1)
     group = first.group_size
     step = max(group, CHUNK // group * group)
     for start in range(0, flat_p.numel(), step):
         stop = min(start + step, flat_p.numel())
-        sub = _chunk_state(state, start, stop, group)
-        m = load_moment(sub, "exp_avg", first)
-        v = load_moment(sub, "exp_avg_sq", second)
+        sub = layout.slice(state, start, stop)
+        m, v = (layout.load(sub, moment) for moment in MOMENTS)
         piece = flat_p[start:stop]
         work = piece.float() if piece.dtype != torch.float32 else piece
         adamw_update_(work, flat_g[start:stop].float(), m, v, s)
         if work is not piece:
             piece.copy_(work)
-        store_moment(sub, "exp_avg", m, first)
-        store_moment(sub, "exp_avg_sq", v, second)
+        for moment, value in zip(MOMENTS, (m, v)):
+            layout.store(sub, moment, value)
 
 
 def fp8_step(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepScalars,
              first: MomentCodec, second: MomentCodec, use_kernel: bool | None = None) -> None:
-    """The fused triton kernel on CUDA (or under TRITON_INTERPRET=1), else the reference."""
+    """The fused triton kernel on CUDA (or under TRITON_INTERPRET=1), else the reference.
+
+    ``p``, ``grad`` and ``state`` are plain tensors (a DTensor parameter's local shard and
+    ``CoatState.local`` of its state)."""
     from memwise.kernels.dispatch import use_triton
 
     if use_kernel is None:

@@ -14,6 +14,7 @@ from memwise.kernels.fp8_triton import round_to_grid
 
 from memwise_coat.quantization import MomentCodec
 from memwise_coat.scalars import StepScalars
+from memwise_coat.state import CoatState
 
 
 @triton.jit
@@ -119,13 +120,10 @@ def fp8_step_triton(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepSca
         raise ValueError("the fused CoatAdamW kernel needs a contiguous parameter")
     grad = grad.contiguous()
     n = p.numel()
-    meta = {}
-    for moment in ("exp_avg", "exp_avg_sq"):
-        scale = state[f"{moment}_scale"]
-        meta[moment] = (state[moment], scale, state.get(f"{moment}_expand", scale), state.get(f"{moment}_centre", scale))
+    m, v = CoatState(first, second).tensors(state)
     group = first.group_size
     _coat_adamw_kernel[(first.num_groups(n),)](
-        p, grad, *meta["exp_avg"], *meta["exp_avg_sq"], n,
+        p, grad, *m, *v, n,
         s.decay, s.beta1, s.beta2, s.eps, s.step_size, s.bias_correction2_sqrt,
         GROUP=group, BLOCK=triton.next_power_of_2(group), EXPAND=first.expansion,
         MIN_EXPANSION=float(first.min_expansion), **dict(zip(("M_MB", "M_MNE", "M_MAX", "M_LOG", "M_SMALL"),
