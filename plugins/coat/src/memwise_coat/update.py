@@ -77,11 +77,18 @@ def fp8_step_reference(p: torch.Tensor, grad: torch.Tensor, state: dict, s: Step
 
 def fp8_step(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepScalars,
              first: MomentCodec, second: MomentCodec, use_kernel: bool | None = None) -> None:
-    """The fused triton kernel on CUDA (or under TRITON_INTERPRET=1), else the reference."""
+    """The fused triton kernel on CUDA (or under TRITON_INTERPRET=1), the fused C++ kernel on CPU where it
+    builds, else the reference. ``use_kernel``: True for triton, False for the reference, None to choose."""
     from memwise.kernels.dispatch import use_triton
 
     if use_kernel is None:
         use_kernel = use_triton(p)
+        if not use_kernel and p.device.type == "cpu" and p.is_contiguous():
+            from memwise_coat.kernels import cpu_step
+
+            if (ext := cpu_step.extension()) is not None:
+                meta = {m: (state[m], moment_meta(state, m, c)) for m, c in zip(MOMENTS, (first, second))}
+                return cpu_step.fp8_step_cpu(p, grad, meta, s, first, second, ext)
     if use_kernel:
         from memwise_coat.update_triton import fp8_step_triton
 
