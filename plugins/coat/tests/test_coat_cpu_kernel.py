@@ -2,8 +2,11 @@
 
 Each step both paths start from the same parameter and state (the reference's trajectory), so every
 difference is the kernel's own. Its log2/exp2 are polynomials within about an ulp of torch's, so
-codes may differ from the reference's by one FP8 step at a rounding boundary: measured 0 of 1.9M
-codes here, and about 2 in a million on 2048x2048 tensors.
+a code may differ from the reference's by one FP8 step at a rounding boundary: measured here none
+with float32 parameters, 3.7e-5 of all codes over the four steps with bfloat16 ones (their
+gradients repeat values, so more moments sit on a boundary), about 3e-6 on a 1024x1024 float32
+tensor. Parameters differ by one float32 rounding in about 4% of elements: torch's vectorised sqrt
+is not correctly rounded (it differs from the correctly rounded one in about 16% of values).
 """
 
 from __future__ import annotations
@@ -77,10 +80,10 @@ def test_kernel_step_equals_the_reference(ext, dtype, expansion, second_format):
         else:  # a bfloat16 rounding boundary, rarely
             differ = kernel_p != p.detach()
             assert differ.float().mean() <= 1e-3
-            torch.testing.assert_close(kernel_p, p.detach(), rtol=2**-8, atol=0)
+            torch.testing.assert_close(kernel_p, p.detach(), rtol=2**-7, atol=0)  # one bfloat16 step
         for moment, c in zip(MOMENTS, (first, second)):
             ours, ref = kernel_state[moment], state[moment]
-            assert (ours.view(torch.uint8) != ref.view(torch.uint8)).float().mean() <= 1e-4, moment
+            assert (ours.view(torch.uint8) != ref.view(torch.uint8)).float().mean() <= 5e-4, moment
             if expansion:
                 assert torch.equal(kernel_state[f"{moment}_expand"], state[f"{moment}_expand"]), moment
             # each decoded value lies within one FP8 step of the reference's code
@@ -100,7 +103,7 @@ def test_coat_adamw_steps_through_the_kernel_on_cpu(ext, monkeypatch):
     real = cpu_step.fp8_step_cpu
     monkeypatch.setattr(cpu_step, "fp8_step_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(256, 130) * 0.02), torch.nn.Parameter(torch.randn(64, 64))]
+    params = [torch.nn.Parameter(torch.randn(256, 130) * 0.02), torch.nn.Parameter(torch.randn(32, 64))]
     opt = CoatAdamW(params)  # the small one keeps fp32 moments
     for _ in range(3):
         for p in params:
