@@ -21,7 +21,8 @@ from memwise_coat.quantization import MomentCodec
 from memwise_coat.scalars import StepScalars
 
 _SOURCE = Path(__file__).with_name("coat_adamw.cpp")
-_FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]  # fused multiply-adds only where written
+# no -ffast-math: zeros' signs, infinities and torch's rounding order matter; fused multiply-adds only where written
+_FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 _TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 
