@@ -166,7 +166,8 @@ def optimizer(reps: int, size: int) -> None:
     ref, cpu_ref = medians["torch AdamW (fp32)"], cpu["torch AdamW (fp32)"]
     for label, t in medians.items():
         print(f"step time {label}: median {t * 1e3:.1f} ms wall, ratio to torch AdamW {t / ref:.2f}x; "
-              f"{cpu[label] * 1e3:.1f} ms CPU time, ratio {cpu[label] / cpu_ref:.2f}x ({machine()}, {reps} interleaved reps)")
+              f"{cpu[label] * 1e3:.1f} ms CPU time, ratio {cpu[label] / cpu_ref:.2f}x "
+              f"({machine()}, {reps} interleaved reps)")
     tensor_steps(reps, size)
 
 
