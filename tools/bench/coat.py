@@ -158,10 +158,15 @@ def optimizer(reps: int, size: int) -> None:
     for model in models.values():
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
-    medians = interleaved({label: opt.step for label, opt in opts.items()}, repeats=reps)
-    ref = medians["torch AdamW (fp32)"]
+    import time
+
+    steps = {label: opt.step for label, opt in opts.items()}
+    medians = interleaved(steps, repeats=reps)
+    cpu = interleaved(steps, repeats=reps, warmup=0, clock=time.thread_time)
+    ref, cpu_ref = medians["torch AdamW (fp32)"], cpu["torch AdamW (fp32)"]
     for label, t in medians.items():
-        print(f"step time {label}: median {t * 1e3:.1f} ms, ratio to torch AdamW {t / ref:.2f}x "
+        print(f"step time {label}: median {t * 1e3:.1f} ms wall, ratio to torch AdamW {t / ref:.2f}x; "
+              f"{cpu[label] * 1e3:.1f} ms CPU time, ratio {cpu[label] / cpu_ref:.2f}x "
               f"({machine()}, {reps} interleaved reps)")
     tensor_steps(reps, size)
 

@@ -48,7 +48,8 @@ def fp8_step_reference(p: torch.Tensor, grad: torch.Tensor, state: dict, s: Step
 
 def fp8_step(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepScalars,
              first: MomentCodec, second: MomentCodec, use_kernel: bool | None = None) -> None:
-    """The fused triton kernel on CUDA (or under TRITON_INTERPRET=1), else the reference.
+    """The fused triton kernel on CUDA (or under TRITON_INTERPRET=1), the fused C++ kernel on CPU where it
+    builds, else the reference. ``use_kernel``: True for triton, False for the reference, None to choose.
 
     ``p``, ``grad`` and ``state`` are plain tensors (a DTensor parameter's local shard and
     ``CoatState.local`` of its state)."""
@@ -56,6 +57,11 @@ def fp8_step(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepScalars,
 
     if use_kernel is None:
         use_kernel = use_triton(p)
+        if not use_kernel and p.device.type == "cpu" and p.is_contiguous():
+            from memwise_coat.kernels import cpu_step
+
+            if (ext := cpu_step.extension()) is not None:
+                return cpu_step.fp8_step_cpu(p, grad, state, s, first, second, ext)
     if use_kernel:
         from memwise_coat.update_triton import fp8_step_triton
 

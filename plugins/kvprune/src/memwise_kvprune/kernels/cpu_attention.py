@@ -10,44 +10,24 @@ torch path and warns once with the reason.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from memwise.kernels.cpu_extension import cpu_extension
 from memwise.kernels.fp8 import FLOAT16_PLACEMENT, as_float16
 from memwise_kvprune.fp8store import FP8Rows
 
-log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("fp8_attention.cpp")
 _BUILT: dict[str, Any] = {}
 
 
-def _flags() -> list[str]:
-    """Vector instructions only where this machine has them (the binary is cached per capability)."""
-    flags = ["-O3", "-fopenmp-simd", "-ffast-math"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags
-
-
 def extension() -> Any | None:
     """The built extension, or None where it cannot be built (warned once, with the reason)."""
-    if "ext" not in _BUILT:
-        _BUILT["ext"] = None
-        try:
-            from torch.utils.cpp_extension import load
-
-            name = f"memwise_kvprune_fp8_attention_{torch.backends.cpu.get_cpu_capability().lower()}"
-            log.info("kvprune: building the CPU FP8 attention kernel (once per machine)")
-            _BUILT["ext"] = load(name=name, sources=[str(_SOURCE)], extra_cflags=_flags(), verbose=False)
-        except Exception as exc:  # no compiler, no ninja, a failed build: the torch path still works
-            warnings.warn(f"kvprune: the CPU FP8 attention kernel could not be built ({type(exc).__name__}: "
-                          f"{exc}); FP8 caches decode with torch operations, about 0.8x the full cache's speed",
-                          stacklevel=2)
-    return _BUILT["ext"]
+    return cpu_extension("memwise_kvprune_fp8_attention", _SOURCE, ["-O3", "-fopenmp-simd", "-ffast-math"],
+                         "kvprune: the CPU FP8 attention kernel",
+                         "FP8 caches decode with torch operations, about 0.8x the full cache's speed")
 
 
 def _table(dtype: torch.dtype) -> torch.Tensor:

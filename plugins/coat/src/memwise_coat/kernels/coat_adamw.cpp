@@ -1,0 +1,322 @@
+// One CoatAdamW step for one parameter on CPU: both FP8 moments decoded, the AdamW update, both
+// moments encoded again, one pass over each quantization group while it sits in L1.
+//
+// The math is memwise_coat.update.fp8_step_reference's, operation by operation, except for two
+// things: log2 and exp2 are the polynomials below (within about an ulp of torch's), and the log2 of
+// a decoded value, log2|code * scale|, is read as log2|code| (a 256-entry table) + log2(scale) (once
+// per group), so decoding an element costs one exp2 and encoding it one log2 and one exp2.
+// Rounding onto FP8 is done on the bits, half to even, as torch's cast rounds.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+inline float float_of(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// log2 of a positive finite float (subnormals included), within about an ulp: x = 2^e m with m in
+// [sqrt(1/2), sqrt(2)), log2 m = 2 log2(e) atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series.
+inline float log2_poly(float x) {
+  const bool sub = x < 1.17549435e-38f;
+  x = sub ? x * 8388608.0f : x;  // 2^23
+  const uint32_t u = bits_of(x);
+  int e = static_cast<int>(u >> 23) - 127 - (sub ? 23 : 0);
+  float m = float_of((u & 0x007FFFFFu) | 0x3F800000u);
+  const bool high = m > 1.41421356f;
+  m = high ? m * 0.5f : m;
+  e += high ? 1 : 0;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float q = 1.0f / 11.0f;
+  q = std::fma(q, s2, 1.0f / 9.0f);
+  q = std::fma(q, s2, 1.0f / 7.0f);
+  q = std::fma(q, s2, 1.0f / 5.0f);
+  q = std::fma(q, s2, 1.0f / 3.0f);
+  const float t = s * 2.88539008f;  // 2 log2(e)
+  return static_cast<float>(e) + std::fma(t, s2 * q, t);
+}
+
+// 2^x within about an ulp, 0 below the subnormals and inf above the float range: x = n + f with
+// |f| <= 1/2, 2^f by its Taylor series to degree 7, times 2^n as two powers of two (so subnormal
+// results round once).
+inline float exp2_poly(float x) {
+  x = x < -151.0f ? -151.0f : (x > 129.0f ? 129.0f : x);
+  const float n = (x + 12582912.0f) - 12582912.0f;  // round to nearest integer (1.5 * 2^23)
+  const float f = x - n;
+  float p = 1.52527338e-5f;  // ln2^7 / 7!
+  p = std::fma(p, f, 1.54035304e-4f);
+  p = std::fma(p, f, 1.33335581e-3f);
+  p = std::fma(p, f, 9.61812911e-3f);
+  p = std::fma(p, f, 5.55041087e-2f);
+  p = std::fma(p, f, 2.40226507e-1f);
+  p = std::fma(p, f, 6.93147181e-1f);
+  p = std::fma(p, f, 1.0f);
+  const int ni = static_cast<int>(n);
+  const int n1 = ni >> 1;
+  const int n2 = ni - n1;
+  return p * float_of(static_cast<uint32_t>(n1 + 127) << 23) * float_of(static_cast<uint32_t>(n2 + 127) << 23);
+}
+
+struct Format {
+  int mantissa;       // M
+  int bias;           // exponent bias
+  float max_value;    // Q
+  float smallest;     // the smallest positive (subnormal) value
+  float log_range;    // log2(Q^2 / 2), as a float32 (torch computes k in float32)
+  float min_normal;   // 2^(1 - bias)
+  float magic;        // 2^(24 - bias - M): adding it rounds a subnormal onto the grid, half to even
+  const float* value; // [256] each code's value
+  const float* log2mag;  // [256] log2 of each code's magnitude (0 for zeros)
+};
+
+Format make_format(const std::vector<double>& f, const torch::Tensor& table) {
+  // f: mantissa bits, min normal exponent, max value, log range, smallest
+  Format out;
+  out.mantissa = static_cast<int>(f[0]);
+  out.bias = 1 - static_cast<int>(f[1]);
+  out.max_value = static_cast<float>(f[2]);
+  out.log_range = static_cast<float>(f[3]);
+  out.smallest = static_cast<float>(f[4]);
+  out.min_normal = std::ldexp(1.0f, 1 - out.bias);
+  out.magic = std::ldexp(1.0f, 24 - out.bias - out.mantissa);
+  out.value = table.data_ptr<float>();
+  out.log2mag = out.value + 256;
+  return out;
+}
+
+// |r| in [0, Q] on the FP8 grid (the magnitude bits of its code), half to even: ``shift`` = 23 - M,
+// ``bias`` = (127 - the format's bias) << M, ``magic`` = 2^(24 - bias - M) for the subnormals.
+inline uint32_t magnitude_code(float r, int shift, uint32_t bias, float min_normal, float magic) {
+  const uint32_t u = bits_of(r);
+  const uint32_t rounded = u + ((1u << (shift - 1)) - 1u) + ((u >> shift) & 1u);
+  const uint32_t normal = (rounded >> shift) - bias;
+  const uint32_t sub = bits_of(r + magic) - bits_of(magic);
+  return r < min_normal ? sub : normal;
+}
+
+struct Meta {
+  float* scale;
+  float* expand;
+  float* centre;
+};
+
+// The moment x[0, n) of one group as FP8 codes and its metadata (quantization.quantize_groups).
+void encode_group(const float* x, float* work, int64_t n, uint8_t* code, int64_t g, const Meta& meta,
+                  const Format& f, bool expansion, float min_expansion) {
+  const float inf = std::numeric_limits<float>::infinity();
+  float big = 0.0f, small = inf;
+#pragma omp simd reduction(max : big) reduction(min : small)
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    big = a > big ? a : big;
+    const float nz = a > 0.0f ? a : inf;
+    small = nz < small ? nz : small;
+  }
+  const bool nonzero = big > 0.0f;
+  const bool flat = small == big;
+  float scale = 1.0f, k = 1.0f, centre = 1.0f;
+  if (nonzero && expansion) {
+    const float log_r = static_cast<float>(std::log2(static_cast<double>(big / small)));
+    if (log_r > 0.0f) k = std::floor(f.log_range / log_r * 16.0f) / 16.0f;
+    k = k < min_expansion ? min_expansion : k;
+    centre = flat ? big : std::sqrt(big) * std::sqrt(small);
+    float top = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (int64_t i = 0; i < n; ++i) {  // |y| = 2^(k log2|x / c|)
+      const float a = std::fabs(x[i]);
+      const float y = a > 0.0f ? exp2_poly(log2_poly(a / centre) * k) : 0.0f;
+      work[i] = y;
+      top = y > top ? y : top;
+    }
+    if (!flat) scale = top / f.max_value;
+  } else if (nonzero) {
+    scale = flat ? big : big / f.max_value;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) work[i] = std::fabs(x[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) work[i] = 0.0f;
+  }
+  const float q = f.max_value, least = f.smallest, min_normal = f.min_normal, magic = f.magic;
+  const int shift = 23 - f.mantissa;
+  const uint32_t bias = static_cast<uint32_t>(127 - f.bias) << f.mantissa;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float r = work[i] / scale;
+    const bool zero = r == 0.0f;
+    r = r < least ? least : (r > q ? q : r);
+    const uint32_t sign = bits_of(x[i]) >> 31 << 7;
+    const uint32_t mag = zero ? 0u : magnitude_code(r, shift, bias, min_normal, magic);
+    // expansion: sign(x) |y| is +0 for a zero; the plain codec keeps a zero's sign
+    code[i] = static_cast<uint8_t>((expansion && zero) ? 0u : (sign | mag));
+  }
+  meta.scale[g] = scale;
+  if (expansion) {
+    meta.expand[g] = k;
+    meta.centre[g] = centre;
+  }
+}
+
+struct Step {
+  float decay, weight, beta2, one_minus_beta2, eps, neg_step_size, bias_correction2_sqrt;
+  bool small_weight;  // torch's lerp: start + w (end - start) for |w| < 1/2, else end + (w - 1)(end - start)
+};
+
+template <typename P, typename G>
+void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_t numel, int64_t group,
+         bool expansion, float min_expansion, const Step& s, const Format& fm, const Format& fv) {
+  const int64_t groups = (numel + group - 1) / group;
+  // loop invariants as locals: the vectoriser does not read them through references
+  const float decay = s.decay, beta2 = s.beta2, one_minus_beta2 = s.one_minus_beta2, eps = s.eps;
+  const float neg_step_size = s.neg_step_size, bc2 = s.bias_correction2_sqrt;
+  const float weight = s.small_weight ? s.weight : s.weight - 1.0f;
+  const bool small_weight = s.small_weight;
+  const float *m_log2 = fm.log2mag, *v_log2 = fv.log2mag, *m_value = fm.value, *v_value = fv.value;
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(3 * group);
+    float* m = buffer.data();
+    float* v = m + group;
+    float* work = v + group;
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t start = g * group;
+      const int64_t n = std::min(group, numel - start);
+      P* pg = p + start;
+      const G* gg = grad + start;
+      const uint8_t* mc = mq + start;
+      const uint8_t* vc = vq + start;
+      const float ms = mm.scale[g], vs = vm.scale[g];
+      const float mk = expansion ? mm.expand[g] : 1.0f, vk = expansion ? vm.expand[g] : 1.0f;
+      const float mcen = expansion ? mm.centre[g] : 1.0f, vcen = expansion ? vm.centre[g] : 1.0f;
+      const float mls = static_cast<float>(std::log2(static_cast<double>(ms)));
+      const float vls = static_cast<float>(std::log2(static_cast<double>(vs)));
+      if (expansion) {  // sign(ys) 2^(log2|ys| / k) c
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const uint32_t cm = mc[i], cv = vc[i];
+          const float xm = exp2_poly((m_log2[cm] + mls) / mk) * mcen;
+          const float xv = exp2_poly((v_log2[cv] + vls) / vk) * vcen;
+          m[i] = (cm & 0x7Fu) ? ((cm & 0x80u) ? -xm : xm) : 0.0f;
+          v[i] = (cv & 0x7Fu) ? ((cv & 0x80u) ? -xv : xv) : 0.0f;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          m[i] = m_value[mc[i]] * ms;
+          v[i] = v_value[vc[i]] * vs;
+        }
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float gi = static_cast<float>(gg[i]);
+        float pi = static_cast<float>(pg[i]) * decay;
+        // torch's vectorised lerp and addcmul round as these fused multiply-adds do
+        const float mi = std::fma(weight, gi - m[i], small_weight ? m[i] : gi);
+        const float vi = std::fma(one_minus_beta2 * gi, gi, v[i] * beta2);
+        const float denom = std::sqrt(vi) / bc2 + eps;
+        pi = pi + (neg_step_size * mi) / denom;
+        pg[i] = static_cast<P>(pi);
+        m[i] = mi;
+        v[i] = vi;
+      }
+      encode_group(m, work, n, mq + start, g, mm, fm, expansion, min_expansion);
+      encode_group(v, work, n, vq + start, g, vm, fv, expansion, min_expansion);
+    }
+  });
+}
+
+template <typename P>
+void run_grad(P* p, const torch::Tensor& grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_t numel,
+              int64_t group, bool expansion, float min_expansion, const Step& s, const Format& fm, const Format& fv) {
+  switch (grad.scalar_type()) {
+    case torch::kFloat32:
+      return run(p, grad.data_ptr<float>(), mq, mm, vq, vm, numel, group, expansion, min_expansion, s, fm, fv);
+    case torch::kBFloat16:
+      return run(p, grad.data_ptr<at::BFloat16>(), mq, mm, vq, vm, numel, group, expansion, min_expansion, s, fm, fv);
+    case torch::kFloat16:
+      return run(p, grad.data_ptr<at::Half>(), mq, mm, vq, vm, numel, group, expansion, min_expansion, s, fm, fv);
+    default:
+      TORCH_CHECK(false, "coat_adamw_step: gradients in float32, bfloat16 or float16, not ", grad.scalar_type());
+  }
+}
+
+Meta meta_of(const torch::Tensor& scale, const torch::Tensor& expand, const torch::Tensor& centre, int64_t groups) {
+  for (const auto* t : {&scale, &expand, &centre}) {
+    TORCH_CHECK(t->dtype() == torch::kFloat32 && t->is_contiguous() && t->numel() == groups,
+                "coat_adamw_step: per-group metadata must be contiguous float32 with one value per group");
+  }
+  return {scale.data_ptr<float>(), expand.data_ptr<float>(), centre.data_ptr<float>()};
+}
+
+}  // namespace
+
+// p: the parameter (float32, bfloat16 or float16, contiguous), updated in place; grad: its gradient
+// (contiguous). m_codes / v_codes: the moments' FP8 codes read as uint8 (one per element), with their
+// per-group scale, expand and centre (without expansion, pass scale three times). m_table / v_table:
+// [2, 256] float32, each code's value and the log2 of its magnitude. scalars: decay, lerp weight,
+// beta2, 1 - beta2, eps, -step size, sqrt of the second bias correction. m_format / v_format:
+// mantissa bits, min normal exponent, max value, log2(Q^2 / 2), smallest value.
+void coat_adamw_step(torch::Tensor p, torch::Tensor grad, torch::Tensor m_codes, torch::Tensor m_scale,
+                     torch::Tensor m_expand, torch::Tensor m_centre, torch::Tensor v_codes, torch::Tensor v_scale,
+                     torch::Tensor v_expand, torch::Tensor v_centre, torch::Tensor m_table, torch::Tensor v_table,
+                     int64_t group, bool expansion, double min_expansion, std::vector<double> scalars,
+                     std::vector<double> m_format, std::vector<double> v_format) {
+  const int64_t numel = p.numel();
+  TORCH_CHECK(p.is_contiguous() && grad.is_contiguous() && grad.numel() == numel,
+              "coat_adamw_step: contiguous parameter and gradient of the same size");
+  TORCH_CHECK(m_codes.dtype() == torch::kUInt8 && v_codes.dtype() == torch::kUInt8 && m_codes.is_contiguous() &&
+              v_codes.is_contiguous() && m_codes.numel() == numel && v_codes.numel() == numel,
+              "coat_adamw_step: contiguous uint8 codes, one per element");
+  TORCH_CHECK(m_table.dtype() == torch::kFloat32 && v_table.dtype() == torch::kFloat32 && m_table.numel() == 512 &&
+              v_table.numel() == 512 && m_table.is_contiguous() && v_table.is_contiguous(),
+              "coat_adamw_step: [2, 256] float32 code tables");
+  TORCH_CHECK(group > 0 && scalars.size() == 7 && m_format.size() == 5 && v_format.size() == 5,
+              "coat_adamw_step: group size, 7 scalars and 5 numbers per format");
+  const int64_t groups = (numel + group - 1) / group;
+  const Meta mm = meta_of(m_scale, m_expand, m_centre, groups);
+  const Meta vm = meta_of(v_scale, v_expand, v_centre, groups);
+  Step s;
+  s.decay = static_cast<float>(scalars[0]);
+  s.weight = static_cast<float>(scalars[1]);
+  s.small_weight = std::fabs(s.weight) < 0.5f;
+  s.beta2 = static_cast<float>(scalars[2]);
+  s.one_minus_beta2 = static_cast<float>(scalars[3]);
+  s.eps = static_cast<float>(scalars[4]);
+  s.neg_step_size = static_cast<float>(scalars[5]);
+  s.bias_correction2_sqrt = static_cast<float>(scalars[6]);
+  const Format fm = make_format(m_format, m_table), fv = make_format(v_format, v_table);
+  uint8_t* mq = m_codes.data_ptr<uint8_t>();
+  uint8_t* vq = v_codes.data_ptr<uint8_t>();
+  const float kmin = static_cast<float>(min_expansion);
+  switch (p.scalar_type()) {
+    case torch::kFloat32:
+      return run_grad(p.data_ptr<float>(), grad, mq, mm, vq, vm, numel, group, expansion, kmin, s, fm, fv);
+    case torch::kBFloat16:
+      return run_grad(p.data_ptr<at::BFloat16>(), grad, mq, mm, vq, vm, numel, group, expansion, kmin, s, fm, fv);
+    case torch::kFloat16:
+      return run_grad(p.data_ptr<at::Half>(), grad, mq, mm, vq, vm, numel, group, expansion, kmin, s, fm, fv);
+    default:
+      TORCH_CHECK(false, "coat_adamw_step: parameters in float32, bfloat16 or float16, not ", p.scalar_type());
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("coat_adamw_step", &coat_adamw_step, "One fused CoatAdamW step for one parameter (FP8 moments, in place)");
+}
