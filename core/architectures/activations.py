@@ -57,8 +57,9 @@ def _autocast_layer_bytes(adapter: Any, geo: Any, config: Any, batch: int, seq: 
         return batch * seq * per_token
     per_token = 4 * 4 * h + 2 * 5 * h + 2 * (2 * q + 2 * kv + 4 * inter) + small
     per_layer = 0
-    if adapter.qkv is not None:  # one bf16 input for q, k and v; o reads a copy of the attention output
-        per_token += 2 * q - 4 * h
+    if adapter.qkv is not None:  # one bf16 input for q, k and v; o reads a copy of the attention output; v, a
+        # view of the fused bf16 output, keeps all of it (q and k are rotated copies)
+        per_token += 2 * q - 4 * h + 2 * (q + kv)
     if adapter.gate_up is not None:  # one bf16 input for gate and up
         per_token -= 2 * h
     if adapter.qk_norms:  # per-head RMSNorm of q and k: fp32 input and rsqrt, bf16 output

@@ -138,7 +138,7 @@ class LoramPlugin(Plugin):
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
         from memwise_loram.estimate import loram_delta
 
-        return loram_delta(ctx.model, self.config, self.nf4_settings(), estimate, ctx.workload)
+        return loram_delta(ctx.model, self.config, self.nf4_settings(), estimate, ctx.workload, _device_type(ctx))
 
     # -- the transform ---------------------------------------------------------------------
 
@@ -226,6 +226,16 @@ class LoramPlugin(Plugin):
         from memwise_loram.cli import add_commands
 
         add_commands(subparsers)
+
+
+def _device_type(ctx: Any) -> str:
+    """The device whose kernels the activation estimate counts ("cuda" or "cpu"; dropout's saved mask differs):
+    the recipe's accelerator when it names one, else (``auto``, no recipe) the model's device at estimate time,
+    where memwise's probe measures it (on CPU: an overestimate for a CUDA run, by the mask's extra bytes)."""
+    accelerator = ctx.config.trainer.accelerator if ctx.config is not None else "auto"
+    if accelerator == "auto":
+        return next(ctx.model.parameters()).device.type
+    return "cuda" if accelerator in ("gpu", "cuda") else "cpu"
 
 
 def _base_path(ctx: Any) -> str | None:
