@@ -3,7 +3,7 @@
 import pytest
 import torch
 from memwise_coat import CoatAdamW
-from memwise_coat.quantization import codec, dequantize_groups, quantize_groups
+from memwise_coat.quantization import dequantize_groups, quantize_groups
 from memwise_coat.state import CoatState, is_quantized
 
 GROUP = {"group_size": 128, "expansion": True, "second_moment_format": "e5m2", "min_expansion": 1 / 16}
