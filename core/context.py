@@ -23,6 +23,8 @@ class Workload:
     batch_size: int
     seq_len: int
     precision: str = "32-true"
+    max_new_tokens: int = 0
+    """Generation only: tokens decoded after a ``seq_len``-token prompt (``seq_len`` is then the prompt)."""
 
     @property
     def activation_dtype(self) -> torch.dtype:

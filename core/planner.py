@@ -53,6 +53,10 @@ class Target:
     seq_len: int = 2048
     batch_size: int = 1
     precision: str = "bf16-mixed"
+    model_dtype: str | None = None
+    """a recipe's ``model.dtype``, memwise's float32 unless set (generation plans hold the weights in it)"""
+    max_new_tokens: int = 64
+    """a recipe's ``generate.max_new_tokens`` (generation plans)"""
 
 
 def _read_config(file: Path) -> dict:
@@ -88,12 +92,14 @@ def load_target(model: str) -> Target:
         raise MemwiseError(f"'{model}' is neither a model folder, a config.json nor a recipe; give a local HF "
                            "folder (config.json inside), a config.json file or a recipe path") from None
     m, data, trainer = raw.get("model", {}) or {}, raw.get("data", {}) or {}, raw.get("trainer", {}) or {}
+    generate = raw.get("generate", {}) or {}
     if m.get("path"):
         config = {**_read_config(Path(m["path"]) / "config.json"), **(m.get("config") or {})}
     else:
         config = {"vocab_size": BYTE_VOCAB, **(m.get("config") or {})}
     return Target(config, model, "recipe", seq_len=int(data.get("seq_len", 256)),
-                  batch_size=int(data.get("batch_size", 16)), precision=trainer.get("precision", "32-true"))
+                  batch_size=int(data.get("batch_size", 16)), precision=trainer.get("precision", "32-true"),
+                  model_dtype=m.get("dtype", "float32"), max_new_tokens=int(generate.get("max_new_tokens", 64)))
 
 
 def meta_model(config: dict) -> torch.nn.Module:
@@ -173,6 +179,10 @@ class Candidate:
     fits: bool = False
     notes: list[str] = field(default_factory=list)
     instances: list = field(default_factory=list)
+    quality: float = 0.0
+    """the plugins' declared quality cost (``Plugin.quality_cost``; generation plans)"""
+    prefill_kv: int = 0
+    """the KV cache once the prompt is in (generation plans; ``estimate.kv_cache`` is at the end)"""
 
     @property
     def strategy(self) -> str:
@@ -361,11 +371,12 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
 
 
 def variants(cls: type) -> list[Any]:
-    """The plugin with default settings, and with each capability switched off by its
-    ``capability_switch`` (e.g. COAT's optimizer only: ``coat.activations: false``)."""
+    """The plugin with default settings, with each capability switched off by its
+    ``capability_switch`` (e.g. COAT's optimizer only: ``coat.activations: false``), and with each
+    of its ``plan_variants``."""
     import yaml
 
-    out = [cls()]
+    out = [cls()] + [cls(**settings) for settings in cls.plan_variants]
     for switch in cls.capability_switch.values():
         key, _, value = switch.partition(":")
         field_name = key.strip().split(".", 1)[-1]
@@ -467,11 +478,13 @@ def recipe_for(target: Target, cand: Candidate) -> dict:
     return out
 
 
-def check_args(budget: int, devices: int, seq_len: int | None, batch_size: int | None) -> list[Problem]:
+def check_args(budget: int, devices: int, seq_len: int | None, batch_size: int | None,
+               max_new_tokens: int | None = None) -> list[Problem]:
     problems = []
     if budget <= 0:
         problems.append(Problem("--budget", "must be a positive size, e.g. 24GiB"))
-    for key, value in (("--devices", devices), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+    for key, value in (("--devices", devices), ("--seq-len", seq_len), ("--batch-size", batch_size),
+                       ("--max-new-tokens", max_new_tokens)):
         if value is not None and value < 1:
             problems.append(Problem(key, f"must be at least 1, got {value}"))
     return problems
