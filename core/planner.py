@@ -202,9 +202,11 @@ class StepShape:
     """torch AdamW's single-tensor step holds two temporaries of one parameter's size (the square
     root of the second moment and its quotient)"""
     loss_grads: int
-    """at the start of backward: the gradients of the log-softmax and of the fp32 logits
-    (memory.logits_temporary_bytes), and the head's gradient; the saved activations count only the
-    log-softmax (memory.logits_activation_bytes)"""
+    """at the start of backward, beyond the saved activations: the gradients of the log-softmax and of
+    the fp32 logits (memory.logits_temporary_bytes); or, once both the log-softmax's gradient and its
+    saved output (memory.logits_activation_bytes) are freed, the logits' gradient in the output's
+    place, the head's weight gradient and the hidden states' gradient, whichever is larger (measured:
+    SmolLM2 at 1 x 512 and small at vocabulary 32,768 peak on the first, the head's gradient not yet born)"""
     temporaries: int
     """the baseline's temporaries (memory.loss_temporary_bytes): what plugins add beyond them is
     recomputation in backward"""
@@ -345,7 +347,8 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
     head = model.get_output_embeddings().weight
     tokens = batch * seq
     shape = StepShape(largest_param=largest,
-                      loss_grads=memory.logits_temporary_bytes(model.config, batch, seq) + _bytes(head, devices),
+                      loss_grads=max(memory.logits_temporary_bytes(model.config, batch, seq),
+                                     _bytes(head, devices) + 4 * tokens * model.config.hidden_size),
                       temporaries=base_temporaries,
                       head_activations=memory.logits_activation_bytes(model.config, batch, seq, precision),
                       layer_backward=shard["layer"] + _bytes(head, devices) + 4 * tokens * model.config.hidden_size,
