@@ -376,16 +376,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     start, cpu = time.perf_counter(), time.process_time()
     budget = planner.parse_bytes(args.budget)
-    problems = planner.check_args(budget, args.devices, args.seq_len, args.batch_size)
+    problems = planner.check_args(budget, args.devices, args.seq_len, args.batch_size, args.max_new_tokens)
     if problems:
         raise RecipeError(problems, source="memwise plan")
-    if args.stage == "generate":
-        raise MemwiseError("memwise plan --stage generate is not implemented yet: it plans training (fit); "
-                           "for generation memory use memwise explain on a generate recipe")
     target = planner.load_target(args.model)
     for key in ("seq_len", "batch_size", "precision"):
         if getattr(args, key) is not None:
             setattr(target, key, getattr(args, key))
+    if args.stage == "generate":
+        return _plan_generation(args, target, budget, start, cpu)
+    if args.max_new_tokens is not None:
+        raise RecipeError([Problem("--max-new-tokens", "is a generation setting: add --stage generate")],
+                          source="memwise plan")
     rows, notes = planner.plan_model(target, budget, args.devices)
     unit, gib = ("GiB", 2 ** 30) if budget >= 2 ** 30 else ("MiB", 2 ** 20)
     table = Table(title=f"plan for {args.model}: seq {target.seq_len}, batch {target.batch_size} per device, "
@@ -415,6 +417,52 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                     f"{best.label}, predicted peak {best.peak / gib:,.2f} {unit} per device\n"
                                     + yaml.safe_dump(planner.recipe_for(target, best), sort_keys=False))
         console.print(f"wrote {args.write} ({best.label}); run it with: memwise run {args.write}")
+    return 0 if any(c.fits for c in rows) else 1
+
+
+def _plan_generation(args: argparse.Namespace, target: Any, budget: int, start: float, cpu: float) -> int:
+    """``memwise plan --stage generate``: the KV cache choices, ranked; ``--write`` a generate recipe."""
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from memwise import generation_plan
+
+    if args.devices != 1:
+        raise RecipeError([Problem("--devices", "generation plans one device (memwise generate runs one process)")],
+                          source="memwise plan")
+    if args.precision is None:  # a recipe's model dtype; a model folder or config.json in bf16
+        target.precision = {"float32": "32-true", "float16": "16-true"}.get(target.model_dtype or "", "bf16-true")
+    new = args.max_new_tokens if args.max_new_tokens is not None else target.max_new_tokens
+    rows, notes = generation_plan.plan_generation(target, budget, new)
+    unit, scale = ("GiB", 2 ** 30) if budget >= 2 ** 30 else ("MiB", 2 ** 20)
+    table = Table(title=f"generation plan for {args.model}: prompt {target.seq_len} + {new} new tokens, batch "
+                        f"{target.batch_size}, {target.precision}, budget {args.budget} ({unit})")
+    for col in ("#", "combination", "fits", "peak", "weights", "KV at prompt", "KV at end", "prefill temporaries",
+                "quality cost", "slowdown"):
+        table.add_column(col, justify="left" if col in ("combination", "fits") else "right")
+    for i, c in enumerate(rows):
+        e = c.estimate
+        table.add_row(str(i + 1), c.label, "yes" if c.fits else "no",
+                      *(f"{v / scale:,.3f}" for v in (c.peak, e.parameters, c.prefill_kv, e.kv_cache,
+                                                      e.temporaries + e.layer_forward)),
+                      f"{c.quality:.2f}", f"{c.slowdown:.2f}x")
+    Console(highlight=False, width=max(console.width, 150)).print(table)
+    for note in notes:
+        console.print(f"  {note}")
+    console.print(f"planned {len(rows)} combination(s) in {time.perf_counter() - start:.1f} s "
+                  f"({time.process_time() - cpu:.1f} s CPU)")
+    if args.write:
+        best = next((c for c in rows if c.fits), None)
+        if best is None:
+            raise MemwiseError(f"no cache fits {args.budget}; nothing written to {args.write} (try a shorter "
+                               "--seq-len, fewer --max-new-tokens, a smaller --batch-size or bf16-true)")
+        Path(args.write).write_text(f"# written by memwise plan {args.model} --stage generate --budget {args.budget}: "
+                                    f"{best.label}, predicted peak {best.peak / scale:,.3f} {unit}\n"
+                                    + yaml.safe_dump(generation_plan.generate_recipe_for(target, best, new),
+                                                     sort_keys=False))
+        console.print(f"wrote {args.write} ({best.label}); use it with: memwise generate {args.write} --prompt ...")
     return 0 if any(c.fits for c in rows) else 1
 
 
@@ -468,10 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a local HF model folder, a config.json or a recipe")
     p.add_argument("--budget", required=True, help="memory per device, e.g. 24GiB, 80GB")
     p.add_argument("--devices", type=int, default=1, help="devices to shard over with FSDP (default 1)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: recipe's or 2048)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence; with --stage generate, of the prompt (default: recipe's or 2048)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per device (default: recipe's or 1)")
-    p.add_argument("--precision", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true"], default=None)
-    p.add_argument("--stage", choices=["fit", "generate"], default="fit")
+    p.add_argument("--precision", choices=["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"], default=None,
+                   help="training precision; with --stage generate the weights' dtype: 32-true, bf16-true or 16-true "
+                        "(default: the recipe's model.dtype, else bf16-true)")
+    p.add_argument("--stage", choices=["fit", "generate"], default="fit",
+                   help="fit: plan training (memwise run); generate: plan the KV cache (memwise generate)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="--stage generate: tokens generated after the --seq-len prompt (default: recipe's or 64)")
     p.add_argument("--write", metavar="RECIPE", default=None, help="write the best fitting combination as a recipe")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("consolidate", help="a sharded (FSDP) checkpoint folder -> one safetensors model folder")

@@ -26,6 +26,8 @@ class Workload:
     shards: int = 1
     """Processes FSDP2 shards each parameter over (dim 0): a plugin's delta to parameters, gradients
     or optimizer state is then one rank's, against the sharded baseline."""
+    max_new_tokens: int = 0
+    """Generation only: tokens decoded after a ``seq_len``-token prompt (``seq_len`` is then the prompt)."""
 
     @property
     def activation_dtype(self) -> torch.dtype:

@@ -40,6 +40,10 @@ def memwise_estimate_memory(ctx: Any, estimate: Any) -> Any:
     surgery has run, this plugin's has not; ``memwise plan`` passes a meta model without
     surgery) and ``ctx.workload`` the batch shape. Count plain AdamW state with
     :func:`memwise.optim.state_bytes`.
+    At ``ctx.stage == "generate"`` (``memwise plan --stage generate``) the estimate holds the weights,
+    the dense KV cache of ``ctx.workload.seq_len`` prompt tokens and ``max_new_tokens - 1`` fed-back
+    tokens, and the prompt's forward temporaries: a KV-cache plugin returns its cache's change
+    (and, in ``layer_forward``, what compressing the prompt adds inside a layer's forward).
     Return a :class:`memwise.memory.MemoryDelta` (signed bytes per category) or None. Depend only
     on ``ctx.model``, ``ctx.workload``, ``ctx.config``, the plugin's config and ``estimate``:
     ``memwise plan`` reuses a delta across combinations (one that did not read ``estimate``

@@ -209,6 +209,30 @@ def _tracker() -> Any:
     return CategoryPeaks()
 
 
+def measure_generation_peak(model: torch.nn.Module, generate: Callable[[], Any], external: Iterable[Any] = ()) -> int:
+    """MemTracker's peak bytes over ``generate()`` (e.g. ``model.generate(...)`` under no_grad): the
+    weights, the cache and every temporary of the prefill and decoding steps. MemTracker refuses a
+    second forward of the root module; each decoding step starts its module statistics afresh (the
+    peak is kept)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class EveryStep(MemTracker):
+        def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
+            name = self._mod_tracker.get_known_fqn(module)
+            if module in self.memory_tracking and not self._mod_tracker.is_bw \
+                    and set(self._mod_tracker.parents) - {name} == {"Global"}:
+                self.reset_mod_stats()
+            super()._pre_fw_hook(module, inputs)
+
+    gc.collect()
+    mt = EveryStep()
+    mt.track_external(model, *external)
+    with mt:
+        generate()
+    peak = mt.get_tracker_snapshot("peak")
+    return int(next(iter(peak.values()), {}).get("Total", 0))
+
+
 @dataclass
 class MemoryReport:
     """Measured bytes: at the total peak, each category's own maximum, after forward, after the step.
@@ -379,6 +403,36 @@ def autocast_copy_bytes(config: Any, precision: str) -> int:
     adapter = _adapter(config)
     geo = adapter.geometry(config)
     return geo.layers * autocast_weight_copy_bytes(adapter, geo)
+
+
+GENERATION_INPUT_BYTES = 32
+"""Bytes per prompt token that ``generate`` holds beside the model's own tensors: the int64 input
+ids, attention mask, position ids and cache positions."""
+
+
+def kv_cache_bytes(config: Any, batch: int, tokens: int, dtype_bytes: int) -> int:
+    """A dense (transformers DynamicCache) cache holding ``tokens`` tokens: keys and values of every
+    layer and KV head. A pruned cache's bytes are its plugin's (``memwise_estimate_memory`` at stage
+    generate, e.g. kvprune's ``predict_nbytes``)."""
+    geo = _adapter(config).geometry(config)
+    return 2 * geo.layers * batch * geo.kv_heads * geo.head_dim * tokens * dtype_bytes
+
+
+def prefill_temporary_bytes(config: Any, batch: int, prompt: int, dtype_bytes: int) -> int:
+    """Beyond the weights and the cache, at the worst moment of a prompt's forward without autograd:
+    the last decoder layer's MLP (its activation, up projection and their product, intermediate
+    wide), the layer's input and residual sum and the normed input, the embeddings (kept by the
+    model's forward), the rotary cos and sin, and ``generate``'s inputs. SDPA materializes no
+    attention scores; eager attention (soft-capped models) adds the scores and their softmax. The
+    logits are of the last position only (``generate`` asks for ``logits_to_keep=1``). Checked
+    against MemTracker in tests/test_plan_generate.py."""
+    geo = _adapter(config).geometry(config)
+    hidden = (4 if geo.layers > 1 else 3) * geo.hidden  # embeddings, the layer's input, residual sum, normed
+    per_token = (hidden + 3 * geo.intermediate + 2 * geo.head_dim) * dtype_bytes + GENERATION_INPUT_BYTES
+    scores = 0
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        scores = 2 * batch * geo.heads * prompt * prompt * 4
+    return batch * prompt * per_token + scores
 
 
 def predict_baseline(model: torch.nn.Module, optimizer_state_bytes: int, batch: int, seq: int,

@@ -54,6 +54,10 @@ class Target:
     seq_len: int = 2048
     batch_size: int = 1
     precision: str = "bf16-mixed"
+    model_dtype: str | None = None
+    """a recipe's ``model.dtype``, memwise's float32 unless set (generation plans hold the weights in it)"""
+    max_new_tokens: int = 64
+    """a recipe's ``generate.max_new_tokens`` (generation plans)"""
 
 
 def _read_config(file: Path) -> dict:
@@ -89,12 +93,14 @@ def load_target(model: str) -> Target:
         raise MemwiseError(f"'{model}' is neither a model folder, a config.json nor a recipe; give a local HF "
                            "folder (config.json inside), a config.json file or a recipe path") from None
     m, data, trainer = raw.get("model", {}) or {}, raw.get("data", {}) or {}, raw.get("trainer", {}) or {}
+    generate = raw.get("generate", {}) or {}
     if m.get("path"):
         config = {**_read_config(Path(m["path"]) / "config.json"), **(m.get("config") or {})}
     else:
         config = {"vocab_size": BYTE_VOCAB, **(m.get("config") or {})}
     return Target(config, model, "recipe", seq_len=int(data.get("seq_len", 256)),
-                  batch_size=int(data.get("batch_size", 16)), precision=trainer.get("precision", "32-true"))
+                  batch_size=int(data.get("batch_size", 16)), precision=trainer.get("precision", "32-true"),
+                  model_dtype=m.get("dtype", "float32"), max_new_tokens=int(generate.get("max_new_tokens", 64)))
 
 
 def meta_model(config: dict) -> torch.nn.Module:
@@ -174,6 +180,10 @@ class Candidate:
     fits: bool = False
     notes: list[str] = field(default_factory=list)
     instances: list = field(default_factory=list)
+    quality: float = 0.0
+    """the plugins' declared quality cost (``Plugin.quality_cost``; generation plans)"""
+    prefill_kv: int = 0
+    """the KV cache once the prompt is in (generation plans; ``estimate.kv_cache`` is at the end)"""
 
     @property
     def strategy(self) -> str:
@@ -193,9 +203,11 @@ class StepShape:
     """torch AdamW's single-tensor step holds two temporaries of one parameter's size (the square
     root of the second moment and its quotient)"""
     loss_grads: int
-    """at the start of backward: the gradients of the log-softmax and of the fp32 logits
-    (memory.logits_temporary_bytes), and the head's gradient; the saved activations count only the
-    log-softmax (memory.logits_activation_bytes)"""
+    """at the start of backward, beyond the saved activations: the gradients of the log-softmax and of
+    the fp32 logits (memory.logits_temporary_bytes); or, once both the log-softmax's gradient and its
+    saved output (memory.logits_activation_bytes) are freed, the logits' gradient in the output's
+    place, the head's weight gradient and the hidden states' gradient, whichever is larger (measured:
+    SmolLM2 at 1 x 512 and small at vocabulary 32,768 peak on the first, the head's gradient not yet born)"""
     temporaries: int
     """the baseline's temporaries (memory.loss_temporary_bytes): what plugins add beyond them is
     recomputation in backward"""
@@ -336,7 +348,8 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
     head = model.get_output_embeddings().weight
     tokens = batch * seq
     shape = StepShape(largest_param=largest,
-                      loss_grads=memory.logits_temporary_bytes(model.config, batch, seq) + _bytes(head, devices),
+                      loss_grads=max(memory.logits_temporary_bytes(model.config, batch, seq),
+                                     _bytes(head, devices) + 4 * tokens * model.config.hidden_size),
                       temporaries=base_temporaries,
                       head_activations=memory.logits_activation_bytes(model.config, batch, seq, precision),
                       layer_backward=shard["layer"] + _bytes(head, devices) + 4 * tokens * model.config.hidden_size,
@@ -362,11 +375,12 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
 
 
 def variants(cls: type) -> list[Any]:
-    """The plugin with default settings, and with each capability switched off by its
-    ``capability_switch`` (e.g. COAT's optimizer only: ``coat.activations: false``)."""
+    """The plugin with default settings, with each capability switched off by its
+    ``capability_switch`` (e.g. COAT's optimizer only: ``coat.activations: false``), and with each
+    of its ``plan_variants``."""
     import yaml
 
-    out = [cls()]
+    out = [cls()] + [cls(**settings) for settings in cls.plan_variants]
     for switch in cls.capability_switch.values():
         key, _, value = switch.partition(":")
         field_name = key.strip().split(".", 1)[-1]
@@ -468,11 +482,13 @@ def recipe_for(target: Target, cand: Candidate) -> dict:
     return out
 
 
-def check_args(budget: int, devices: int, seq_len: int | None, batch_size: int | None) -> list[Problem]:
+def check_args(budget: int, devices: int, seq_len: int | None, batch_size: int | None,
+               max_new_tokens: int | None = None) -> list[Problem]:
     problems = []
     if budget <= 0:
         problems.append(Problem("--budget", "must be a positive size, e.g. 24GiB"))
-    for key, value in (("--devices", devices), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+    for key, value in (("--devices", devices), ("--seq-len", seq_len), ("--batch-size", batch_size),
+                       ("--max-new-tokens", max_new_tokens)):
         if value is not None and value < 1:
             problems.append(Problem(key, f"must be at least 1, got {value}"))
     return problems

@@ -67,6 +67,9 @@ class Plugin:
     capability_switch: ClassVar[dict[str, str]] = {}
     """Per capability it provides, the recipe setting that turns that part off (e.g. COAT's
     ``{"activation.storage": "coat.activations: false"}``), quoted in clash messages."""
+    plan_variants: ClassVar[tuple[dict, ...]] = ()
+    """Settings ``memwise plan`` tries besides the defaults and the capability switches (e.g. kvprune's
+    FP8, int4, ThinK and SnapKV caches and their compositions)."""
 
     @dataclasses.dataclass
     class Config:
@@ -106,6 +109,12 @@ class Plugin:
         """Expected step time with this plugin over the step time without it, given ``ctx.model`` and
         ``ctx.workload`` (the planner's cost model; 1.0 = no cost)."""
         return 1.0
+
+    def quality_cost(self, ctx: Any) -> float:
+        """How much this config may change the output against the exact computation, for the planner's
+        ranking at equal fit: 0.0 = exact (the default; memory techniques that keep the maths), larger =
+        more approximate (e.g. a KV cache that drops tokens)."""
+        return 0.0
 
     def transforms_model(self) -> bool:
         """False when this config asks for no model surgery: the core then skips

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import memwise
 from memwise import Problem, RecipeError, option
@@ -18,6 +18,17 @@ class KVPrunePlugin(memwise.Plugin):
     stages = ("generate",)
     phase = "runtime"
     distribution = "memwise-kvprune"
+    plan_variants = (  # the defaults are ThinK at half the key channels
+        {"think_ratio": 0.0, "quant": "e4m3"},
+        {"think_ratio": 0.0, "quant": "int4"},
+        {"think_ratio": 0.0, "eviction": "snapkv", "budget": 0.7},
+        {"think_ratio": 0.0, "eviction": "snapkv", "budget": 0.5},
+        {"think_ratio": 0.0, "eviction": "streaming", "budget": 0.5},
+        {"quant": "e4m3"},
+        {"eviction": "snapkv", "budget": 0.7, "quant": "e4m3"},
+        {"think_ratio": 0.0, "eviction": "snapkv", "budget": 0.7, "quant": "int4"},
+    )
+    """What ``memwise plan --stage generate`` tries: FP8, int4, ThinK, SnapKV, StreamingLLM and compositions."""
 
     @dataclasses.dataclass
     class Config:
@@ -104,6 +115,49 @@ class KVPrunePlugin(memwise.Plugin):
         for message in found:
             warnings.warn(f"kvprune: {message}", UserWarning, stacklevel=2)
         return found
+
+    @memwise.hookimpl
+    def memwise_estimate_memory(self, ctx: memwise.RunContext, estimate: Any) -> Any:
+        """At stage generate: the pruned cache in place of the dense one (``predict_nbytes``, exact), and
+        SnapKV's scoring at prefill as a transient inside the last layer's forward."""
+        if ctx.stage != "generate":
+            return None
+        from memwise.architectures import for_config
+        from memwise.memory import MemoryDelta, kv_cache_bytes
+
+        from memwise_kvprune.bytes import kept_prompt_tokens, predict_nbytes
+        from memwise_kvprune.compat import text_config
+
+        config = text_config(ctx.model)
+        geo = for_config(config).geometry(config)
+        w = ctx.workload
+        b, prompt, decoded = w.batch_size, w.seq_len, max(w.max_new_tokens - 1, 0)  # the last token is not fed
+        size = w.activation_dtype.itemsize
+        dense = kv_cache_bytes(config, b, prompt + decoded, size)
+        settings = self.cache_settings()
+        pruned = predict_nbytes(geo.layers, b, geo.kv_heads, geo.head_dim, prompt, decoded, dtype_bytes=size,
+                                **settings)
+        transient = 0
+        c = self.config
+        if c.eviction == "snapkv" and kept_prompt_tokens(prompt, settings["eviction"]) < prompt:
+            # the prompt's causal visibility mask (bool) and the observation window's fp32 scores
+            transient = b * prompt * prompt + b * geo.heads * c.evict_observe * prompt * 4
+        return MemoryDelta(kv_cache=pruned - dense, layer_forward=transient,
+                           note=f"pruned KV cache {pruned:,} B instead of {dense:,} B")
+
+    def quality_cost(self, ctx: memwise.RunContext) -> float:
+        """An ordering, not a measurement: the fraction of key channels and prompt tokens dropped (StreamingLLM's
+        twice, it loses facts outside its window), a little for FP8 and more for int4 storage, and one more for
+        each setting outside the range measured to keep retrieval at this model size (``safety``)."""
+        from memwise_kvprune.safety import unsafe_settings
+
+        c = self.config
+        cost = c.think_ratio + {"none": 0.0, "snapkv": 1.0, "streaming": 2.0}[c.eviction] * (1.0 - c.budget)
+        cost += {"none": 0.0, "e4m3": 0.02, "e5m2": 0.04, "int4": 0.1}[c.quant]
+        if ctx.model is not None:
+            cost += len(unsafe_settings(sum(p.numel() for p in ctx.model.parameters()), c.think_ratio, c.eviction,
+                                        c.budget))
+        return cost
 
     def predict_callback(self) -> object:
         """A Lightning callback giving each predict batch a fresh pruned cache (``pl_module.generate_kwargs``)."""
