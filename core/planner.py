@@ -28,7 +28,7 @@ from memwise.errors import MemwiseError, Problem, RecipeError
 from memwise.host import EstimateMemo, PluginHost, check_plugin
 from memwise.memory import MemoryEstimate
 from memwise.optim import OptimizerConfig, state_bytes
-from memwise.recipe import RecipeConfig
+from memwise.recipe import RecipeConfig, TrainerConfig
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -241,8 +241,9 @@ def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
     """
     kept = max(est.activations - shape.outside_activations, 0) // max(shape.layers, 1)
     walk = max(0, (shape.layers - 1) * (shape.layer_grads - kept))
-    backward = shape.loss_grads
     recompute = est.temporaries - shape.temporaries
+    # a plugin that shrinks the loss side (chunked cross-entropy) shrinks what backward starts with alike
+    backward = shape.loss_grads + min(recompute, 0)
     if recompute > 0:
         backward = max(backward, recompute - shape.head_activations + shape.layer_backward + walk)
     if est.layer_backward:
@@ -297,9 +298,11 @@ class PlanMemo:
         return self.sizes[devices]
 
     def config(self, optimizer: str) -> RecipeConfig:
-        """The typed recipe the plugins see: only the optimizer is set."""
+        """The typed recipe the plugins see: the optimizer, and no clipping by global norm (which
+        fused_step cannot do; a recipe written for a candidate with it turns clipping off)."""
         if optimizer not in self.configs:
-            self.configs[optimizer] = RecipeConfig(optimizer=OptimizerConfig(name=optimizer))
+            self.configs[optimizer] = RecipeConfig(optimizer=OptimizerConfig(name=optimizer),
+                                                   trainer=TrainerConfig(gradient_clip_val=None))
         return self.configs[optimizer]
 
     def host(self, plugins: list) -> PluginHost:
@@ -318,12 +321,13 @@ class PlanMemo:
 
 
 def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices: int = 1,
-             optimizer: str = "adamw", memo: PlanMemo | None = None) -> Candidate:
+             optimizer: str = "adamw", memo: PlanMemo | None = None, config: RecipeConfig | None = None) -> Candidate:
     """Per-rank prediction for ``plugins`` (instances, plan order) on ``model`` (meta or real);
-    ``memo`` shares work between the candidates of one plan."""
+    ``memo`` shares work between the candidates of one plan; ``config``: a recipe's typed config,
+    for the plugins' checks (else the planner's, ``PlanMemo.config``)."""
     memo = memo or PlanMemo()
     ctx = RunContext(stage="fit", plugins=plugins, recipe={"optimizer": {"name": optimizer}},
-                     workload=dataclasses.replace(workload, shards=devices), config=memo.config(optimizer))
+                     workload=dataclasses.replace(workload, shards=devices), config=config or memo.config(optimizer))
     ctx.model = model
     state = memo.sizes_of(model, workload, 1)
     batch, seq, precision = workload.batch_size, workload.seq_len, workload.precision
@@ -475,6 +479,8 @@ def recipe_for(target: Target, cand: Candidate) -> dict:
         out = {"model": {"builder": "llama", "config": _recipe_fields(target.config)}}
     out["data"] = {"seq_len": target.seq_len, "batch_size": target.batch_size}
     trainer: dict[str, Any] = {"precision": target.precision}
+    if any(p.name == "fused_step" for p in cand.instances):
+        trainer["gradient_clip_val"] = None  # as the candidate was planned: fused_step cannot clip by norm
     if cand.devices > 1:
         trainer.update(strategy="fsdp", devices=cand.devices)
     out["trainer"] = trainer

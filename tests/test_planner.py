@@ -26,8 +26,9 @@ def _measured_and_predicted(recipe: str, overrides: list[str]) -> tuple[int, pla
     run = Run(recipes.load(recipe, overrides), "fit")
     run.build()
     fresh = [type(p)(p.config) for p in run.recipe.plugins]
-    on_model = planner.estimate(run.ctx.model, run.recipe.plugins, run.ctx.workload)
-    on_meta = planner.estimate(planner.meta_model(run.ctx.model.config.to_dict()), fresh, run.ctx.workload)
+    on_model = planner.estimate(run.ctx.model, run.recipe.plugins, run.ctx.workload, config=run.cfg)
+    on_meta = planner.estimate(planner.meta_model(run.ctx.model.config.to_dict()), fresh, run.ctx.workload,
+                               config=run.cfg)
     run.transform()
     return run.probe_without_training().peak_total, on_model, on_meta
 
@@ -44,6 +45,15 @@ COMBINATIONS = [
     pytest.param(MICRO, ["trainer.precision=bf16-mixed", "plugins=[{use: mesa}]"], id="micro-bf16-mesa"),
     pytest.param(MICRO, ["plugins=[{use: checkpointing}, {use: coat, with: {activations: false}}]"],
                  id="micro-checkpointing-coat"),
+    pytest.param(MICRO, ["model.config.vocab_size=32768"], id="micro-32k"),
+    pytest.param(MICRO, ["model.config.vocab_size=32768", "plugins=[{use: chunked_ce}]"], id="micro-32k-chunked_ce"),
+    pytest.param(MICRO, ["plugins=[{use: offload}]"], id="micro-offload"),
+    pytest.param(MICRO, ["plugins=[{use: galore}]"], id="micro-galore"),
+    pytest.param(MICRO, ["plugins=[{use: frugal}]"], id="micro-frugal"),
+    pytest.param(MICRO, ["trainer.gradient_clip_val=null", "plugins=[{use: fused_step}]"], id="micro-fused_step"),
+    pytest.param(MICRO, ["model.config.vocab_size=32768", "plugins=[{use: coat, with: {activations: false}}, "
+                         "{use: mesa, with: {exclude: ['*lm_head']}}, {use: chunked_ce}, {use: offload}]"],
+                 id="micro-32k-composition"),
     pytest.param("recipes/baseline.yaml", ["data.max_documents=40", "data.batch_size=4"], id="tiny-baseline",
                  marks=pytest.mark.slow),
     pytest.param("recipes/baseline.yaml", ["data.max_documents=40", "data.batch_size=4",
