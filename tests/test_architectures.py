@@ -113,11 +113,13 @@ def check(rows, report):
         (predicted["activations"], measured["activations"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", TYPES)
 def test_baseline_prediction_matches_memtracker(tmp_path, model_type):
     check(*measure_recipe(recipe(tmp_path, model_type), warm=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", TYPES)
 def test_bf16_mixed_prediction_matches_memtracker(tmp_path, model_type):
     """Autocast's terms per architecture: bf16 copies of each projection's input and weight, fp32 norms."""
@@ -140,6 +142,7 @@ def test_plugin_runs_or_refuses_by_name(tmp_path, plugin, model_type):
     check(*measure_recipe(path, warm=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", LORAM)
 def test_loram_prediction_at_hidden_128(tmp_path, model_type):
     """tools/bench/architectures.py's size: four layers at width 128, where per-layer terms (the frozen base's
@@ -191,6 +194,7 @@ def test_functional_apis_refuse_what_they_cannot_convert_whole(model_type):
     assert [type(m) for m in model.modules()] == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", LORAM)
 def test_loram_prunes_adapts_recovers_and_merges(tmp_path, model_type):
     """Prune (GQA groups whole), train LoRA on the pruned model, recover it: the full model with the recovered

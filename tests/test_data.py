@@ -99,6 +99,7 @@ def test_sampler_rejects_too_little_data():
         ShuffledBatchSampler(3, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit,expected", [("file", 1700), ("definition", 12000)])
 def test_pystdlib_corpus_sizes(unit, expected):
     corpus = build_corpus(PyStdlibConfig(builder="pystdlib", unit=unit))

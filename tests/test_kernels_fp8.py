@@ -59,6 +59,7 @@ def test_decode_equals_torch_conversion_for_every_code(fmt):
     assert torch.equal(decode(no_nan).view(torch.int32), no_nan.float().view(torch.int32))  # any shape
 
 
+@pytest.mark.slow
 def test_triton_helper_matches_reference_under_interpreter():
     pytest.importorskip("triton")
     code = textwrap.dedent("""

@@ -154,6 +154,7 @@ def test_hooks_asking_pluggy_for_their_own_order_are_refused():
         PluginHost([Eager()])
 
 
+@pytest.mark.slow
 def test_piped_run_prints_progress_lines_without_lightning_banner(cli, micro, tmp_path, caplog):
     """stdout is not a terminal under capsys: a line every log_every_n_steps steps (and at each
     validation), and none of Lightning's hardware banner, logger tip or LeafSpec warning."""

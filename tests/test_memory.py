@@ -26,6 +26,7 @@ def test_tiny_prediction(precision):
     check_prediction(rows, report)
 
 
+@pytest.mark.slow
 def test_probe_restores_what_it_touched(micro):
     """A probe leaves the weights as they were, so a second probe measures the very same bytes."""
     import torch
@@ -71,6 +72,7 @@ def test_checkpointing_cuts_small_activations_tenfold(small, small_checkpointed)
     assert small_checkpointed[1].category_max["temporaries"] > small[1].category_max["temporaries"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("hidden, tied", [(64, False), (64, True), (256, False), (256, True)])
 def test_baseline_temporaries_within_5_percent_at_32k_vocab(hidden, tied, precision):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_python_dash_m_memwise_lists_plugins():
     out = subprocess.run([sys.executable, "-m", "memwise", "plugins", "list"], capture_output=True, text=True,
                          timeout=120)
@@ -13,6 +16,7 @@ def test_python_dash_m_memwise_lists_plugins():
     assert "checkpointing" in out.stdout
 
 
+@pytest.mark.slow
 def test_python_dash_m_memwise_reports_bad_recipe_with_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: {max_stepz: 3}\n")

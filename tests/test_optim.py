@@ -22,6 +22,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     return measure_step(model, optimizer, lambda: model(input_ids=ids, labels=ids).loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden", [64, 48])
 def test_adamw8bit_state_bytes_are_predicted_to_the_byte(hidden):
     """8-bit moments for tensors of >= 4,096 elements, fp32 below; hidden 48 leaves a tail block."""

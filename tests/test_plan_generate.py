@@ -51,6 +51,7 @@ CACHES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings, batch, prompt, new", CACHES)
 def test_tiny_generation_peak_within_5_percent_of_measured(settings, batch, prompt, new):
     _check(tiny_llama().eval(), settings, batch, prompt, new)
@@ -108,6 +109,7 @@ def test_llama_31_8b_generation_table_matches_closed_form():
     assert rows.index(fp8) < rows.index(int4)  # at equal fit, the smaller quality cost first
 
 
+@pytest.mark.slow
 def test_generation_plan_writes_a_recipe_that_generate_validates(cli, tmp_path):
     out = tmp_path / "gen.yaml"
     code, text, err = cli("plan", MICRO, "--stage", "generate", "--budget", "2MiB", "--seq-len", "64",

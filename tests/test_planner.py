@@ -68,6 +68,7 @@ COMBINATIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, overrides", COMBINATIONS)
 def test_predicted_peak_within_5_percent_of_measured(recipe, overrides):
     measured, on_model, on_meta = _measured_and_predicted(str(ROOT / recipe), overrides)
@@ -162,6 +163,7 @@ def test_llama_31_tables_match_closed_form(name, dims, billions):
     assert not base.fits and rows.index(base) > rows.index(fsdp)
 
 
+@pytest.mark.slow
 def test_plan_writes_a_recipe_that_validates(cli, tmp_path):
     out = tmp_path / "best.yaml"
     code, text, err = cli("plan", MICRO, "--budget", "3MiB", "--devices", "2", "--write", out)
@@ -173,6 +175,7 @@ def test_plan_writes_a_recipe_that_validates(cli, tmp_path):
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_recipe_written_for_a_config_json_passes_the_model_checks():
     from memwise.models import ModelConfig, check_model
 
@@ -184,6 +187,7 @@ def test_recipe_written_for_a_config_json_passes_the_model_checks():
     assert written["trainer"]["strategy"] == "fsdp" and written["trainer"]["devices"] == 8
 
 
+@pytest.mark.slow
 def test_plan_refuses_bad_input(cli, tmp_path):
     code, _, err = cli("plan", MICRO, "--budget", "lots")
     assert code == 2 and "24GiB" in err

@@ -191,6 +191,7 @@ def test_hf_text_jsonl_parquet_and_saved_folder_give_the_same_documents(tmp_path
         hf_corpus(format="jsonl", paths=[str(tmp_path / "none*.jsonl")])
 
 
+@pytest.mark.slow
 def test_hf_chat_columns_train_only_on_answers(tmp_path):
     from memwise.data.windows import ConcatChunkDataset, WindowDataset
 

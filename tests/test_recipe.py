@@ -37,6 +37,7 @@ def test_every_shipped_recipe_loads_as_yaml():
         assert isinstance(recipe.to_plain(recipe.load_raw(name)), dict)
 
 
+@pytest.mark.slow
 def test_listing_commands(cli):
     code, out, _ = cli("plugins", "list")
     assert code == 0 and "checkpointing" in out and "memwise-checkpointing" in out
@@ -69,6 +70,7 @@ def test_text_files_with_a_local_tokenizer_folder(tmp_path):
         build_corpus(TextFilesConfig(builder="text_files", paths=[str(tmp_path / "*.none")]))
 
 
+@pytest.mark.slow
 def test_discovery_imports_no_kernels():
     """Listing plugins loads every plugin class and must not import triton (DESIGN.md section 1)."""
     import subprocess

@@ -98,6 +98,7 @@ def test_plugin_entries_of_the_wrong_type(tmp_path, micro):
     assert set(found) == {"plugins.0", "plugins.1.use"}
 
 
+@pytest.mark.slow
 def test_deep_nesting_is_a_problem_not_a_recursion_error(tmp_path, micro):
     found = problems(write(tmp_path, f"extends: [{micro}]\nmodel: {{config: {'[' * 3000}{']' * 3000}}}\n"))
     assert any("nests deeper" in m for m in found.values())

@@ -14,6 +14,7 @@ from memwise.testing import assert_resume_is_exact, read_metrics, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_run_writes_the_report(cli, micro, tmp_path):
     code, out, err = cli("run", micro, f"report.dir={tmp_path}", "report.plots=true", "report.save_model=true")
     assert code == 0, err
@@ -41,11 +42,13 @@ def test_run_writes_the_report(cli, micro, tmp_path):
         assert (value == ckpt["state_dict"][f"model.{name}"]).all(), name
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(micro, tmp_path):
     saved = assert_resume_is_exact(micro, ["plugins=[{use: checkpointing}]"], tmp_path, steps=8, at=3)
     assert saved["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_resume_without_a_required_plugin_names_the_snippet(cli, micro, tmp_path):
     import torch
 
@@ -68,6 +71,7 @@ def test_explain_prints_plan_and_prediction(cli):
     assert "checkpointing" in out and "predicted baseline" in out and "activations" in out
 
 
+@pytest.mark.slow
 def test_generate_from_a_checkpoint(cli, micro, tmp_path):
     assert cli("run", micro, f"report.dir={tmp_path}", "trainer.max_steps=2")[0] == 0
     code, out, err = cli("generate", micro, f"generate.checkpoint={tmp_path / 'checkpoints' / 'last.ckpt'}",

@@ -42,6 +42,7 @@ def test_layer_selection_idempotence_and_undo():
         apply_checkpointing(m, [5])
 
 
+@pytest.mark.slow
 def test_saved_activations_fall_and_estimate_tracks_them():
     ids = torch.randint(0, 256, (4, 64))
 

@@ -131,6 +131,7 @@ def test_hf_model_loss_and_gradients_match(tied):
     assert chunked(input_ids=ids, labels=labels).logits is not None
 
 
+@pytest.mark.slow
 def test_logits_share_falls_eightfold_at_32k_vocab():
     """Head + loss alone under MemTracker: bytes above what both paths hold (hidden, weight, grads)."""
     n, hidden, vocab = 1024, 64, 32768
@@ -139,6 +140,7 @@ def test_logits_share_falls_eightfold_at_32k_vocab():
     assert chunked * 8 <= base, (chunked, base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_model_memory_and_core_logits_term_at_32k_vocab(precision):
     """The core's prediction (with its logits term) and the plugin's estimate against MemTracker."""

@@ -12,6 +12,7 @@ RECIPE = str(ROOT / "recipes" / "chunked_ce.yaml")
 SMALL_VOCAB = [*MICRO, "model.config.vocab_size=4096"]
 
 
+@pytest.mark.slow
 def test_recipe_resume_matches_uninterrupted_run(tmp_path):
     assert_resume_is_exact(RECIPE, SMALL_VOCAB, tmp_path, steps=4, at=2)
 

@@ -44,6 +44,7 @@ def test_forward_exact_and_gradients_above_20db(grad_format):
     assert min(snrs.values()) >= 20, snrs
 
 
+@pytest.mark.slow
 def test_saved_activations_shrink_exactly_measured():
     ids = _batch(shape=(8, 256))
     reports = {}

@@ -22,6 +22,7 @@ def _grad(shape, step):
     return torch.randn(shape, generator=gen) * 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cols", [32, 1024, 4097])
 def test_parameters_follow_adamw_for_five_steps(cols):
     shape = (1024, cols)

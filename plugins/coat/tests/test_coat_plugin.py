@@ -68,6 +68,7 @@ def _measured_optimizer_state(model, optimizer, ids):
     return report.after_step["optimizer_state"]
 
 
+@pytest.mark.slow
 def test_estimate_is_exact_for_optimizer_state_and_configure_replaces_adamw():
     ids = torch.randint(0, 260, (2, 32), generator=torch.Generator().manual_seed(0))
     plugin = CoatPlugin(activations=False)
@@ -103,6 +104,7 @@ def test_transform_claims_each_converted_module_and_teardown_restores():
     assert CoatPlugin().transforms_model() and not CoatPlugin(activations=False).transforms_model()
 
 
+@pytest.mark.slow
 def test_recipe_resume_matches_uninterrupted_run(tmp_path):
     saved = assert_resume_is_exact(RECIPE, MICRO, tmp_path, steps=6, at=3)
     states = saved["optimizer_states"][0]["state"]
@@ -116,6 +118,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert_trained(tmp_path, 3)
 
 
+@pytest.mark.slow
 def test_import_is_light():
     """Plugin discovery must never import triton (nor transformers)."""
     code = "import sys, memwise_coat; print('triton' in sys.modules, 'transformers' in sys.modules)"

@@ -104,6 +104,7 @@ def test_state_round_trip_resumes_the_batch_order(tmp_path: Path) -> None:
         other.memwise_wrap_train_dataloader(ctx=ctx2)
 
 
+@pytest.mark.slow
 def test_estimate_matches_what_the_largest_batch_saves(tmp_path: Path) -> None:
     """The predicted activations are those of the largest batch the sampler really yields,
     measured with MemTracker on a model (SDPA: saved bytes grow with the tokens)."""

@@ -63,6 +63,7 @@ def test_svd_selection_splits_the_gradient_into_projected_and_residual_parts():
     torch.testing.assert_close(a.detach(), -1e-2 * (adam + residual), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["columns", "svd"])
 def test_estimate_is_exact_against_memtracker(selection):
     ids = torch.randint(0, 260, (2, 32), generator=torch.Generator().manual_seed(0))

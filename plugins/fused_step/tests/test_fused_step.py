@@ -38,6 +38,7 @@ def _optimizer(model, kind):
     return CoatAdamW(groups, lr=1e-2, min_numel=1024)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["adamw", "coat", "galore", "frugal"])
 def test_bitwise_equal_to_the_unfused_optimizer_with_a_schedule(kind):
     plain, fused = _model(), _model()

@@ -67,6 +67,7 @@ def test_natural_gradient_equals_the_dense_inverse_fisher():
     torch.testing.assert_close(natural_gradient(g, history, c, 0.1).reshape(-1).double(), dense, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("natural", [False, True])
 def test_estimate_is_exact_against_memtracker(natural):
     ids = torch.randint(0, 260, (2, 32), generator=torch.Generator().manual_seed(0))

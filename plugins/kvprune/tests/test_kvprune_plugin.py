@@ -64,6 +64,7 @@ def test_wrap_generation_installs_cache_and_teardown_restores_model():
     assert torch.equal(before, after)
 
 
+@pytest.mark.slow
 def test_import_loads_no_transformers_or_triton():
     code = "import sys, memwise_kvprune; print('transformers' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -47,6 +47,7 @@ def runs():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["loram", "qloram"])
 def test_measured_equals_predicted(runs, name):
     predicted, report = runs[name]

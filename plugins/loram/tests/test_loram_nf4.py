@@ -102,6 +102,7 @@ print("kernel ok")
 """
 
 
+@pytest.mark.slow
 def test_triton_kernel_matches_reference_under_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

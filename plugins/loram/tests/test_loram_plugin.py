@@ -90,6 +90,7 @@ def test_on_fit_end_and_export_command_agree(tmp_path):
         assert all(torch.equal(exported[k], hook_adapters[k]) for k in exported)
 
 
+@pytest.mark.slow
 def test_activation_estimate_within_5_percent():
     model = tiny()
     workload = Workload(2, 32)

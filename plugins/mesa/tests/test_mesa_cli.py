@@ -10,6 +10,7 @@ from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_trained, 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = str(ROOT / "recipes" / "mesa.yaml")
 
+@pytest.mark.slow
 def test_recipe_resume_restores_ranges_and_matches_uninterrupted_run(tmp_path):
     saved = assert_resume_is_exact(RECIPE, MICRO, tmp_path, steps=4, at=2)
     key = "model.model.layers.1.self_attn.mesa_key.alpha"

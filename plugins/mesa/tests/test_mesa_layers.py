@@ -147,6 +147,7 @@ class ExplicitAttention(torch.nn.Module):
         return (attn @ v).transpose(1, 2).reshape(x.shape)
 
 
+@pytest.mark.slow
 def test_generic_mode_packs_tensors_of_explicit_attention():
     torch.manual_seed(0)
     model = ExplicitAttention()

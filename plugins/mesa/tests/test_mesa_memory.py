@@ -8,6 +8,7 @@ of the layer being computed in forward, falls too (bounds measured on 4 layers).
 
 import copy
 
+import pytest
 import torch
 
 from memwise.memory import measure_step
@@ -19,6 +20,7 @@ def decoder(dtype: torch.dtype, layers: int = 4) -> torch.nn.Module:
     return tiny_llama(hidden=128, layers=layers, inter=344, use_cache=False).model.to(dtype)
 
 
+@pytest.mark.slow
 def test_activation_bytes_of_converted_layers_fall_to_a_quarter_of_fp32_and_half_of_bf16():
     torch.manual_seed(1)
     x = torch.randint(0, 260, (4, 128))

@@ -141,6 +141,7 @@ def test_resume_reproduces_the_uninterrupted_run():
     assert head + tail == full
 
 
+@pytest.mark.slow
 def test_loss_curve_of_100_steps_stays_close_to_the_baseline():
     data = _data(100)
     base = llama(hidden=32, layers=1)
@@ -155,6 +156,7 @@ def test_loss_curve_of_100_steps_stays_close_to_the_baseline():
         assert abs(a - b) <= 0.03 * a, (i, a, b)
 
 
+@pytest.mark.slow
 def test_activation_estimate_within_15_percent_of_measured_change():
     from memwise.memory import measure_step
 
@@ -175,6 +177,7 @@ def test_activation_estimate_within_15_percent_of_measured_change():
     assert abs(predicted - measured) <= 0.15 * abs(measured), (predicted, measured)
 
 
+@pytest.mark.slow
 def test_import_is_light():
     """Plugin discovery must never import triton (nor transformers)."""
     import subprocess

@@ -54,6 +54,7 @@ def test_full_swap_gives_bitwise_gradients_and_reuses_host_buffers():
     assert all(torch.equal(a, b) for a, b in zip(grads(m), want))
 
 
+@pytest.mark.slow
 def test_host_ledger_released_on_remove_and_on_garbage_collection():
     start = HOST.current
     m = llama()
@@ -71,6 +72,7 @@ def test_host_ledger_released_on_remove_and_on_garbage_collection():
     assert HOST.current == start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75])
 def test_token_split_matches_within_recompute_tolerance(fraction):
     want = grads(llama())
@@ -86,6 +88,7 @@ def test_token_split_matches_within_recompute_tolerance(fraction):
     assert pool == pytest.approx(fraction * offloader_of(full).pool.nbytes, rel=0.05, abs=70_000)
 
 
+@pytest.mark.slow
 def test_device_saved_activations_fall_below_one_layer_and_estimate_tracks():
     gc.collect()
     start = HOST.current  # the ledger is per process: other tests' pools may still be alive
@@ -109,6 +112,7 @@ def test_device_saved_activations_fall_below_one_layer_and_estimate_tracks():
     assert abs(delta.host - host) <= 0.25 * host, (delta.host, host)
 
 
+@pytest.mark.slow
 def test_prefetch_depth_sets_how_many_layers_are_back_on_the_device():
     peaks = {}
     for depth in (0, 2):
@@ -120,6 +124,7 @@ def test_prefetch_depth_sets_how_many_layers_are_back_on_the_device():
     assert peaks[2] - peaks[0] >= 1.5 * per_layer, (peaks, per_layer)
 
 
+@pytest.mark.slow
 def test_composes_with_mesa_and_moves_the_packed_bytes():
     from memwise_mesa import apply_mesa, rounding
 

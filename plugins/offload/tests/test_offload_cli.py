@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[3]
 RECIPE = str(ROOT / "recipes" / "offload.yaml")
 
 
+@pytest.mark.slow
 def test_recipe_resume_matches_uninterrupted_run_and_reports_host(tmp_path):
     assert_resume_is_exact(RECIPE, MICRO, tmp_path, steps=4, at=2)
     memory = json.loads((tmp_path / "full" / "memory.json").read_text())
