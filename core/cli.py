@@ -370,8 +370,6 @@ def _generate(run: Any, args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import time
 
-    import yaml
-
     from memwise import planner
 
     start, cpu = time.perf_counter(), time.process_time()
@@ -401,32 +399,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       *(f"{getattr(e, k) / gib:,.2f}" for k in ("parameters", "gradients", "optimizer_state",
                                                                  "activations", "temporaries")),
                       f"{c.slowdown:.2f}x")
-    Console(highlight=False, width=max(console.width, 150)).print(table)  # never cut the labels
-    for note in notes:
-        console.print(f"  {note}")
-    console.print(f"planned {len(rows)} combination(s) in {time.perf_counter() - start:.1f} s "
-                  f"({time.process_time() - cpu:.1f} s CPU)")
-    if args.write:
-        best = next((c for c in rows if c.fits), None)
-        if best is None:
-            raise MemwiseError(f"no combination fits {args.budget}; nothing written to {args.write} (try more "
-                               "--devices, a shorter --seq-len or a smaller --batch-size)")
-        from pathlib import Path
-
-        Path(args.write).write_text(f"# written by memwise plan {args.model} --budget {args.budget}: "
-                                    f"{best.label}, predicted peak {best.peak / gib:,.2f} {unit} per device\n"
-                                    + yaml.safe_dump(planner.recipe_for(target, best), sort_keys=False))
-        console.print(f"wrote {args.write} ({best.label}); run it with: memwise run {args.write}")
-    return 0 if any(c.fits for c in rows) else 1
+    return _finish_plan(args, table, rows, notes, (start, cpu), lambda best: planner.recipe_for(target, best),
+                        (gib, f"{unit} per device"), "combination",
+                        "more --devices, a shorter --seq-len or a smaller --batch-size", "run it with: memwise run {path}")
 
 
-def _plan_generation(args: argparse.Namespace, target: Any, budget: int, start: float, cpu: float) -> int:
-    """``memwise plan --stage generate``: the KV cache choices, ranked; ``--write`` a generate recipe."""
+def _finish_plan(args: argparse.Namespace, table: Any, rows: list, notes: list[str], started: tuple[float, float],
+                 recipe_for: Any, unit: tuple[int, str], what: str, hint: str, use: str) -> int:
+    """Print a plan's table and notes; with ``--write``, write the best fitting row's recipe (``recipe_for``).
+    Exit 0 when a row fits, else 1. ``unit``: (bytes, name) of the printed peak; ``what`` a row is, what
+    to ``hint`` when none fits, how to ``use`` the written file."""
     import time
     from pathlib import Path
 
     import yaml
 
+    Console(highlight=False, width=max(console.width, 150)).print(table)  # never cut the labels
+    for note in notes:
+        console.print(f"  {note}")
+    console.print(f"planned {len(rows)} combination(s) in {time.perf_counter() - started[0]:.1f} s "
+                  f"({time.process_time() - started[1]:.1f} s CPU)")
+    if args.write:
+        best = next((c for c in rows if c.fits), None)
+        if best is None:
+            raise MemwiseError(f"no {what} fits {args.budget}; nothing written to {args.write} (try {hint})")
+        stage = " --stage generate" if args.stage == "generate" else ""
+        Path(args.write).write_text(f"# written by memwise plan {args.model}{stage} --budget {args.budget}: "
+                                    f"{best.label}, predicted peak {best.peak / unit[0]:,.3f} {unit[1]}\n"
+                                    + yaml.safe_dump(recipe_for(best), sort_keys=False))
+        console.print(f"wrote {args.write} ({best.label}); {use.format(path=args.write)}")
+    return 0 if any(c.fits for c in rows) else 1
+
+
+def _plan_generation(args: argparse.Namespace, target: Any, budget: int, start: float, cpu: float) -> int:
+    """``memwise plan --stage generate``: the KV cache choices, ranked; ``--write`` a generate recipe."""
     from memwise import generation_plan
 
     if args.devices != 1:
@@ -448,22 +454,10 @@ def _plan_generation(args: argparse.Namespace, target: Any, budget: int, start: 
                       *(f"{v / scale:,.3f}" for v in (c.peak, e.parameters, c.prefill_kv, e.kv_cache,
                                                       e.temporaries + e.layer_forward)),
                       f"{c.quality:.2f}", f"{c.slowdown:.2f}x")
-    Console(highlight=False, width=max(console.width, 150)).print(table)
-    for note in notes:
-        console.print(f"  {note}")
-    console.print(f"planned {len(rows)} combination(s) in {time.perf_counter() - start:.1f} s "
-                  f"({time.process_time() - cpu:.1f} s CPU)")
-    if args.write:
-        best = next((c for c in rows if c.fits), None)
-        if best is None:
-            raise MemwiseError(f"no cache fits {args.budget}; nothing written to {args.write} (try a shorter "
-                               "--seq-len, fewer --max-new-tokens, a smaller --batch-size or bf16-true)")
-        Path(args.write).write_text(f"# written by memwise plan {args.model} --stage generate --budget {args.budget}: "
-                                    f"{best.label}, predicted peak {best.peak / scale:,.3f} {unit}\n"
-                                    + yaml.safe_dump(generation_plan.generate_recipe_for(target, best, new),
-                                                     sort_keys=False))
-        console.print(f"wrote {args.write} ({best.label}); use it with: memwise generate {args.write} --prompt ...")
-    return 0 if any(c.fits for c in rows) else 1
+    return _finish_plan(args, table, rows, notes, (start, cpu),
+                        lambda best: generation_plan.generate_recipe_for(target, best, new), (scale, unit), "cache",
+                        "a shorter --seq-len, fewer --max-new-tokens, a smaller --batch-size or bf16-true",
+                        "use it with: memwise generate {path} --prompt ...")
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
