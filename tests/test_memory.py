@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from memwise.runner import measure_recipe
+from memwise.testing import tiny_llama
 
 EXACT = ("parameters", "gradients", "optimizer_state")
 # max_documents keeps corpus building quick; shapes are those of BENCHMARKS.md
@@ -79,15 +80,11 @@ def test_baseline_temporaries_within_5_percent_at_32k_vocab(hidden, tied, precis
     """The logits' gradients dominate at hidden 64, the head's or the tied embedding's at 256."""
     import torch
 
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from memwise.memory import measure_step, predict_baseline
 
     batch, seq = (4, 64) if hidden == 64 else (1, 64)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=128, vocab_size=32768,
-                                         tie_word_embeddings=tied))
+    model = tiny_llama(hidden=hidden, vocab=32768, tie_word_embeddings=tied)
     ids = torch.randint(0, 260, (batch, seq))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else None

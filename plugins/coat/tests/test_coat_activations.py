@@ -8,14 +8,11 @@ from memwise import NoEffectWarning
 from memwise.memory import measure_step
 from memwise_coat import apply_fp8_activations, remove_fp8_activations
 from memwise_coat.activation_quant import GroupedCodec, GroupedFP8, PerTensorCodec, PerTensorFP8
-from transformers import LlamaConfig, LlamaForCausalLM
+from memwise.testing import tiny_llama
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=260)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(seed=seed)
 
 
 def _batch(seed=1, shape=(4, 64)):

@@ -9,18 +9,15 @@ import torch
 from memwise import MemoryEstimate, RecipeError, RunContext, Workload
 from memwise.memory import measure_step
 from memwise.plan import check
-from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_trained, run_cli
+from memwise.testing import DDP, MICRO, assert_resume_is_exact, assert_trained, run_cli, tiny_llama
 from memwise_coat import CoatAdamW, CoatPlugin
-from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = str(ROOT / "recipes" / "coat.yaml")
 
 
 def _model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=260))
+    return tiny_llama()
 
 
 class _Other:

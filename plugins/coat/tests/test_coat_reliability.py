@@ -11,13 +11,11 @@ import torch
 from memwise.errors import InputError
 from memwise.lightning.callback import MemwiseCallback
 from memwise_coat import CoatAdamW, CoatPlugin
-from transformers import LlamaConfig, LlamaForCausalLM
+from memwise.testing import tiny_llama
 
 
 def _llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=260))
+    return tiny_llama()
 
 
 class AdamModule(pl.LightningModule):

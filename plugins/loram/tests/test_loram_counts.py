@@ -1,11 +1,11 @@
 """Parameter counts: closed form == a meta-device model, LLaMA-3.1-70B at 0.85 == the paper's figures."""
 
-from transformers import LlamaConfig
 
 from memwise_loram import IndexMap, LayerKeep
 from memwise_loram.counts import base_storage, layer_shapes, llama31_70b_config, lora_parameters
 from memwise_loram.index_map import Geometry, kept_counts
 from memwise_loram.storage import rebuild
+from memwise.testing import tiny_llama_config
 
 PAPER_FULL = 70_553_706_496
 
@@ -34,8 +34,7 @@ def test_llama31_70b_pruned_at_085_matches_the_paper():
 
 
 def test_closed_form_equals_built_model_for_small_configs():
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                      intermediate_size=96, vocab_size=260, tie_word_embeddings=True)
+    cfg = tiny_llama_config(layers=4, heads=8, kv=4, inter=96, tie_word_embeddings=True)
     for ratio in (0.0, 0.3, 0.5, 0.85):
         assert base_storage(cfg, layer_shapes(cfg, ratio, "1-2"), 4)["parameters"] == _meta_count(cfg, ratio, [1, 2])
     shapes = layer_shapes(cfg, 0.5, "1-2")

@@ -2,20 +2,17 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from memwise import MemoryEstimate, RunContext, Workload
 from memwise.memory import measure_step, parameter_bytes
 from memwise_loram import LoramPlugin, LoraSpec, inject_lora
+from memwise.testing import tiny_llama
 
 CATS = ("parameters", "gradients", "optimizer_state")
 
 
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=260)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama()
 
 
 def full_finetune_estimate(model):

@@ -6,18 +6,17 @@ import io
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from memwise import MemoryEstimate, RecipeError, RunContext, Workload
 from memwise.memory import llama_activation_bytes, measure_step
 from memwise_loram import LoramPlugin, read_peft, save_pruned
 from memwise_loram.cli import add_commands
+from memwise.testing import tiny_llama
 
 
 def tiny():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=260))
+    return tiny_llama()
 
 
 def test_metadata():

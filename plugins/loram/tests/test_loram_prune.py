@@ -4,18 +4,15 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from memwise_loram import IndexMap, prune
 from memwise.surgery import layer_indices as parse_layers
 from memwise_loram.index_map import Geometry, kept_counts
+from memwise.testing import tiny_llama
 
 
 def tiny(layers=2, kv=2, heads=4, inter=128):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      intermediate_size=inter, vocab_size=260)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers=layers, heads=heads, kv=kv, inter=inter).eval()
 
 
 def ids(seed=0, b=2, length=16):

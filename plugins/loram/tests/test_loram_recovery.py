@@ -4,17 +4,14 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from memwise_loram import (LoraLinear, LoraSpec, adapter_state, apply_loram, export_recovered, inject_lora,
                            load_pruned, merge_lora, read_peft, recover, save_pruned)
+from memwise.testing import tiny_llama
 
 
 def tiny(layers=2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=260)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers=layers).eval()
 
 
 def ids():
