@@ -120,13 +120,18 @@ def test_decomposition_composes_with_fsdp(tmp_path):
                         "model.config.intermediate_size=128")
 
 
-@pytest.mark.parametrize("plugin, reason", [("mesa", "per-rank buffers"), ("loram", "NF4")])
-def test_plugins_that_cannot_shard_refuse_with_the_reason(cli, plugin, reason):
-    code, _, err = cli("validate", MICRO, *FSDP, f"plugins=[{{use: {plugin}}}]")
+@pytest.mark.parametrize("plugin, reason, instead", [
+    ("mesa", "per-rank buffers", "trainer.strategy=ddp"), ("loram", "NF4", "trainer.strategy=ddp"),
+    ("galore", "whole 2-D gradient", "trainer.strategy=ddp"), ("frugal", "whole 2-D gradient", "trainer.strategy=ddp"),
+    ("offload", "gathering", "trainer.strategy=ddp"), ("chunked_ce", "not gathered", "trainer.strategy=ddp"),
+    ("fused_step", "before the ranks' gradients are averaged", "trainer.devices=1")])
+def test_plugins_that_cannot_shard_refuse_with_the_reason(cli, plugin, reason, instead):
+    overrides = ["trainer.gradient_clip_val=null"] if plugin == "fused_step" else []
+    code, _, err = cli("validate", MICRO, *FSDP, *overrides, f"plugins=[{{use: {plugin}}}]")
     assert code == 2
     flat = " ".join(err.split())
     assert f"plugin '{plugin}' supports strategies" in flat and "not 'fsdp'" in flat and reason in flat, flat
-    assert "trainer.strategy=ddp" in flat
+    assert instead in flat
 
 
 def test_coat_is_accepted_under_fsdp(cli):

@@ -18,6 +18,8 @@ class ChunkedCEPlugin(memwise.Plugin):
 
     name = "chunked_ce"
     summary = "LM head and cross-entropy in token chunks: no full logits (or their gradient) in training"
+    strategy_notes = {"fsdp": "it reads the LM head's weight outside the head's forward, where FSDP2 has not "
+                              "gathered it (each rank holds a shard); use trainer.strategy=ddp"}
     stages = ("fit",)
     phase = "wrap"
     distribution = "memwise-chunked-ce"

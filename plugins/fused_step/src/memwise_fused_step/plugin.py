@@ -21,8 +21,10 @@ class FusedStepPlugin(memwise.Plugin):
     phase = "optimizer"
     after = ("coat", "galore", "frugal")  # wraps whatever optimizer the state plugins built
     distribution = "memwise-fused-step"
-    # each rank would update with its own gradient before DDP averages them
     strategies: ClassVar[tuple[str, ...]] = ("auto", "single_device")
+    strategy_notes = {s: "it updates each parameter as its gradient is accumulated, before the ranks' gradients "
+                         "are averaged, so ranks would drift apart; use one process (trainer.devices=1)"
+                      for s in ("ddp", "ddp_spawn", "fsdp")}
 
     @dataclass
     class Config:

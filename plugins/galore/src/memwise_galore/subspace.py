@@ -61,6 +61,9 @@ class SubspaceAdamWPlugin(memwise.Plugin):
     """What the GaLore and FRUGAL plugins share: they replace the recipe's AdamW (no model surgery),
     provide the optimizer states, and need AdamW and at least one selected linear weight."""
 
+    strategy_notes = {"fsdp": "it chooses each weight's subspace (GaLore's projection, FRUGAL's columns) from the "
+                              "whole 2-D gradient, which FSDP2 splits by rows across ranks; use trainer.strategy=ddp"}
+
     def transforms_model(self) -> bool:
         return False
 

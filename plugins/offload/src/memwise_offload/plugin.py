@@ -21,6 +21,8 @@ class OffloadPlugin(memwise.Plugin):
 
     name = "offload"
     summary = "offload decoder layers' saved activations to host (MEMO: token-wise swap + recompute)"
+    strategy_notes = {"fsdp": "its per-layer swap beside FSDP2's per-layer gathering and resharding is not "
+                              "checked yet; use trainer.strategy=ddp"}
     stages = ("fit",)
     phase = "wrap"
     distribution = "memwise-offload"
