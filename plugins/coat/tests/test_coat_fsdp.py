@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from memwise.checkpoint import safe_load
 from memwise.context import Workload
 from memwise.planner import estimate, meta_model
 from memwise.sharding import read_metadata
@@ -156,7 +157,7 @@ def test_fsdp_per_rank_state_is_half_of_ddp(runs):
     """Per rank: half of DDP's parameters and gradients, and half of each FP8 payload, per-group
     metadata and fp32 moment of DDP's optimizer state; the scalar step stays whole on each rank."""
     ddp = json.loads((runs["ddp"] / "memory.json").read_text())["measured"]["after_step"]
-    saved = torch.load(runs["ddp"] / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = safe_load(runs["ddp"] / "checkpoints" / "last.ckpt")
     states = saved["optimizer_states"][0]["state"].values()
     assert any(s["exp_avg"].dtype == torch.float8_e4m3fn for s in states)
     steps = sum(s["step"].nbytes for s in states)
