@@ -40,7 +40,7 @@ loram-smollm2: setup model
 	$(BIN)/memwise run recipes/finetune/smollm2-loram.yaml
 
 test: setup model
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs
