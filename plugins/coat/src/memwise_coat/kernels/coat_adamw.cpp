@@ -160,32 +160,35 @@ struct Encoders {
       const bool spread = big[j] > 0.0f && small[j] != big[j];
       log_ratio[j] = spread ? static_cast<float>(std::log2(static_cast<double>(big[j] / small[j]))) : 0.0f;
     }
+    if (!expansion) {
+      for (int64_t j = 0; j < nb; ++j) {
+        const float hi = big[j];
+        scale[j] = hi > 0.0f ? (small[j] == hi ? hi : hi / q) : 1.0f;
+        k[j] = centre[j] = inv_centre[j] = 1.0f;
+        log2_scale[j] = 0.0f;
+      }
+      return;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < nb; ++j) {
-      const float hi = big[j], lo = small[j];
+      const float hi = big[j], lo = small[j], log_r = log_ratio[j];
       const bool nonzero = hi > 0.0f;
       const bool flat = lo == hi;
       const bool spread = nonzero && !flat;
-      float kj = 1.0f, cj = 1.0f, sj = 1.0f, lsj = 0.0f;
-      if (expansion) {
-        const float log_r = log_ratio[j];
-        kj = log_r > 0.0f ? std::floor(log_range / log_r * 16.0f) / 16.0f : 1.0f;
-        kj = kj < min_expansion ? min_expansion : kj;
-        kj = nonzero ? kj : 1.0f;
-        cj = flat ? hi : std::sqrt(hi) * std::sqrt(lo);
-        cj = nonzero ? cj : 1.0f;
-        // the group's largest |y| = 2^(k log2|x / c|) is big's (k > 0)
-        const float top = exp2_poly(log2_poly(spread ? hi * (1.0f / cj) : 1.0f) * kj);
-        sj = spread ? top / q : 1.0f;
-        lsj = spread ? log2_poly(sj) : 0.0f;
-      } else {
-        sj = nonzero ? (flat ? hi : hi / q) : 1.0f;
-      }
+      float kj = log_r > 0.0f ? std::floor(log_range / log_r * 16.0f) / 16.0f : 1.0f;
+      kj = kj < min_expansion ? min_expansion : kj;
+      kj = nonzero ? kj : 1.0f;
+      float cj = flat ? hi : std::sqrt(hi) * std::sqrt(lo);
+      cj = nonzero ? cj : 1.0f;
+      const float ic = 1.0f / cj;
+      // the group's largest |y| = 2^(k log2|x / c|) is big's (k > 0)
+      const float top = exp2_poly(log2_poly(spread ? hi * ic : 1.0f) * kj);
+      const float sj = spread ? top / q : 1.0f;
       k[j] = kj;
       centre[j] = cj;
-      inv_centre[j] = 1.0f / cj;
+      inv_centre[j] = ic;
       scale[j] = sj;
-      log2_scale[j] = lsj;
+      log2_scale[j] = spread ? log2_poly(sj) : 0.0f;
     }
   }
 };
@@ -212,22 +215,57 @@ struct Step {
   bool small_weight;  // torch's lerp: start + w (end - start) for |w| < 1/2, else end + (w - 1)(end - start)
 };
 
+// torch.optim.AdamW's update of p[0, n) with gradient g and the decoded moments m and v (updated in
+// place); ``extremes``: each new moment's largest and smallest non-zero magnitude, for its encoding.
 template <typename P, typename G>
-void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_t numel, int64_t group,
-         bool expansion, float min_expansion, const Step& s, const Format& fm, const Format& fv) {
-  const int64_t groups = (numel + group - 1) / group;
+inline void update(P* p, const G* g, float* m, float* v, int64_t n, const Step& s, float* extremes) {
   // loop invariants as locals: the vectoriser does not read them through references
   const float decay = s.decay, beta2 = s.beta2, one_minus_beta2 = s.one_minus_beta2, eps = s.eps;
   const float neg_step_size = s.neg_step_size, bc2 = s.bias_correction2_sqrt;
   const float weight = s.small_weight ? s.weight : s.weight - 1.0f;
-  const bool small_weight = s.small_weight;
-  const float *m_log2 = fm.log2mag, *v_log2 = fv.log2mag, *m_value = fm.value, *v_value = fv.value;
-  const Rounder om(fm), ov(fv);
+  // lerp's start (m) or end (g), picked on the bits: a branch here is moved out of the loop by the
+  // compiler, which then vectorises only one of the two copies
+  const uint32_t start_mask = s.small_weight ? 0xFFFFFFFFu : 0u;
   const float inf = std::numeric_limits<float>::infinity();
+  float mbig = 0.0f, msmall = inf, vbig = 0.0f, vsmall = inf;
+#pragma omp simd reduction(max : mbig, vbig) reduction(min : msmall, vsmall)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = static_cast<float>(g[i]);
+    float pi = static_cast<float>(p[i]) * decay;
+    // torch's vectorised lerp and addcmul round as these fused multiply-adds do
+    const float base = float_of((bits_of(m[i]) & start_mask) | (bits_of(gi) & ~start_mask));
+    const float mi = std::fma(weight, gi - m[i], base);
+    const float vi = std::fma(one_minus_beta2 * gi, gi, v[i] * beta2);
+    const float denom = std::sqrt(vi) / bc2 + eps;
+    pi = pi + (neg_step_size * mi) / denom;
+    p[i] = static_cast<P>(pi);
+    m[i] = mi;
+    v[i] = vi;
+    const float am = std::fabs(mi), av = std::fabs(vi);
+    mbig = am > mbig ? am : mbig;
+    vbig = av > vbig ? av : vbig;
+    const float nm = am > 0.0f ? am : inf, nv = av > 0.0f ? av : inf;
+    msmall = nm < msmall ? nm : msmall;
+    vsmall = nv < vsmall ? nv : vsmall;
+  }
+  extremes[0] = mbig;
+  extremes[1] = msmall;
+  extremes[2] = vbig;
+  extremes[3] = vsmall;
+}
+
+template <typename P, typename G>
+void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_t numel, int64_t group,
+         bool expansion, float min_expansion, const Step& s, const Format& fm, const Format& fv) {
+  const int64_t groups = (numel + group - 1) / group;
   // a block of groups at a time: their per-group scalar work (log2 of the scales, the new encoders) is
   // independent from group to group, so it overlaps instead of stalling between the vector loops
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(BLOCK, BLOCK_ELEMENTS / group));
   at::parallel_for(0, groups, block, [&](int64_t begin, int64_t end) {
+    // loop invariants as locals of this function: the vectoriser does not read them through references
+    const float *m_log2 = fm.log2mag, *v_log2 = fv.log2mag, *m_value = fm.value, *v_value = fv.value;
+    const Rounder om(fm), ov(fv);
+    float extremes[4];
     std::vector<float> buffer(2 * block * group);
     float* mb = buffer.data();
     float* vb = mb + block * group;
@@ -269,31 +307,11 @@ void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_
             v[i] = v_value[vc[i]] * vs;
           }
         }
-        // the update, with each new moment's largest and smallest non-zero magnitude for its encoding
-        float mbig = 0.0f, msmall = inf, vbig = 0.0f, vsmall = inf;
-#pragma omp simd reduction(max : mbig, vbig) reduction(min : msmall, vsmall)
-        for (int64_t i = 0; i < n; ++i) {
-          const float gi = static_cast<float>(gg[i]);
-          float pi = static_cast<float>(pg[i]) * decay;
-          // torch's vectorised lerp and addcmul round as these fused multiply-adds do
-          const float mi = std::fma(weight, gi - m[i], small_weight ? m[i] : gi);
-          const float vi = std::fma(one_minus_beta2 * gi, gi, v[i] * beta2);
-          const float denom = std::sqrt(vi) / bc2 + eps;
-          pi = pi + (neg_step_size * mi) / denom;
-          pg[i] = static_cast<P>(pi);
-          m[i] = mi;
-          v[i] = vi;
-          const float am = std::fabs(mi), av = std::fabs(vi);
-          mbig = am > mbig ? am : mbig;
-          vbig = av > vbig ? av : vbig;
-          const float nm = am > 0.0f ? am : inf, nv = av > 0.0f ? av : inf;
-          msmall = nm < msmall ? nm : msmall;
-          vsmall = nv < vsmall ? nv : vsmall;
-        }
-        em.big[j] = mbig;
-        em.small[j] = msmall;
-        ev.big[j] = vbig;
-        ev.small[j] = vsmall;
+        update(pg, gg, m, v, n, s, extremes);
+        em.big[j] = extremes[0];
+        em.small[j] = extremes[1];
+        ev.big[j] = extremes[2];
+        ev.small[j] = extremes[3];
       }
       em.compute(nb, fm, expansion, min_expansion);
       ev.compute(nb, fv, expansion, min_expansion);
