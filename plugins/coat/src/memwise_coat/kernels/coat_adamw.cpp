@@ -1,5 +1,5 @@
 // One CoatAdamW step for one parameter on CPU: both FP8 moments decoded, the AdamW update, both
-// moments encoded again. Groups are taken BLOCK at a time: per group, one loop decodes both moments
+// moments encoded again. Up to BLOCK groups are taken at a time: per group, one loop decodes both moments
 // and one does the update (finding each new moment's largest and smallest non-zero magnitude on the
 // way); then the block's per-group codec parameters are computed together, and one loop per group
 // encodes both moments. Each group's data sits in L1 throughout.
@@ -11,8 +11,8 @@
 // the group's largest |y| is the one of its largest |x|, known before the loop, and each element's
 // |r| = |y| / s is computed as 2^(k log2(|x| / c) - log2 s), with 1 / c and log2 s once per group.
 // A code may therefore differ from the reference's by one FP8 step where |r| lies within a few ulps
-// of a rounding boundary. Zeros, groups of zeros and groups of one magnitude (|r| = 1 exactly) are
-// coded as the reference codes them. Decoding an element costs one exp2 and encoding it one log2
+// of a rounding boundary. Zeros, groups of zeros and groups of one magnitude (scale 1, every code 1)
+// are coded as the reference codes them. Decoding an element costs one exp2 and encoding it one log2
 // and one exp2. Rounding onto FP8 is done on the bits, half to even, as torch's cast rounds.
 
 #include <torch/extension.h>
@@ -20,9 +20,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -84,7 +84,8 @@ inline float exp2_poly(float x) {
   return p * float_of(static_cast<uint32_t>(n1 + 127) << 23) * float_of(static_cast<uint32_t>(n2 + 127) << 23);
 }
 
-// exp2_poly for x in [-126, 127] (a normal result), one scaling by 2^n; clamped there, as a NaN-free guard.
+// exp2_poly for x in [-126, 127] (a normal result), with one scaling by 2^n; x is clamped there, so the
+// exponent arithmetic stays in range.
 inline float exp2_normal(float x) {
   x = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);
   const float n = (x + 12582912.0f) - 12582912.0f;
@@ -262,7 +263,7 @@ void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_
   // independent from group to group, so it overlaps instead of stalling between the vector loops
   const int64_t block = std::max<int64_t>(1, std::min<int64_t>(BLOCK, BLOCK_ELEMENTS / group));
   at::parallel_for(0, groups, block, [&](int64_t begin, int64_t end) {
-    // loop invariants as locals of this function: the vectoriser does not read them through references
+    // loop invariants as locals of the worker: the vectoriser does not read them through references
     const float *m_log2 = fm.log2mag, *v_log2 = fv.log2mag, *m_value = fm.value, *v_value = fv.value;
     const Rounder om(fm), ov(fv);
     float extremes[4];
