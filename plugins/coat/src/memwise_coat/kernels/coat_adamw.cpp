@@ -1,17 +1,26 @@
 // One CoatAdamW step for one parameter on CPU: both FP8 moments decoded, the AdamW update, both
-// moments encoded again, one pass over each quantization group while it sits in L1.
+// moments encoded again. Up to BLOCK groups are taken at a time: per group, one loop decodes both moments
+// and one does the update (finding each new moment's largest and smallest non-zero magnitude on the
+// way); then the block's per-group codec parameters are computed together, and one loop per group
+// encodes both moments. Each group's data sits in L1 throughout.
 //
-// The math is memwise_coat.update.fp8_step_reference's, operation by operation, except for two
-// things: log2 and exp2 are the polynomials below (within about an ulp of torch's), and the log2 of
-// a decoded value, log2|code * scale|, is read as log2|code| (a 256-entry table) + log2(scale) (once
-// per group), so decoding an element costs one exp2 and encoding it one log2 and one exp2.
-// Rounding onto FP8 is done on the bits, half to even, as torch's cast rounds.
+// The math is memwise_coat.update.fp8_step_reference's, except for these things: log2 and exp2 are
+// the polynomials below (within about an ulp of torch's); the log2 of a decoded value,
+// log2|code * scale|, is read as log2|code| (a 256-entry table) + log2(scale) (once per group); and
+// encoding folds the scale into the exponent: |y| = 2^(k log2|x / c|) grows with |x| (k > 0), so
+// the group's largest |y| is the one of its largest |x|, known before the loop, and each element's
+// |r| = |y| / s is computed as 2^(k log2(|x| / c) - log2 s), with 1 / c and log2 s once per group.
+// A code may therefore differ from the reference's by one FP8 step where |r| lies within a few ulps
+// of a rounding boundary. Zeros, groups of zeros and groups of one magnitude (scale 1, every code 1)
+// are coded as the reference codes them. Decoding an element costs one exp2 and encoding it one log2
+// and one exp2. Rounding onto FP8 is done on the bits, half to even, as torch's cast rounds.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -75,6 +84,23 @@ inline float exp2_poly(float x) {
   return p * float_of(static_cast<uint32_t>(n1 + 127) << 23) * float_of(static_cast<uint32_t>(n2 + 127) << 23);
 }
 
+// exp2_poly for x in [-126, 127] (a normal result), with one scaling by 2^n; x is clamped there, so the
+// exponent arithmetic stays in range.
+inline float exp2_normal(float x) {
+  x = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);
+  const float n = (x + 12582912.0f) - 12582912.0f;
+  const float f = x - n;
+  float p = 1.52527338e-5f;
+  p = std::fma(p, f, 1.54035304e-4f);
+  p = std::fma(p, f, 1.33335581e-3f);
+  p = std::fma(p, f, 9.61812911e-3f);
+  p = std::fma(p, f, 5.55041087e-2f);
+  p = std::fma(p, f, 2.40226507e-1f);
+  p = std::fma(p, f, 6.93147181e-1f);
+  p = std::fma(p, f, 1.0f);
+  return p * float_of(static_cast<uint32_t>(static_cast<int>(n) + 127) << 23);
+}
+
 struct Format {
   int mantissa;       // M
   int bias;           // exponent bias
@@ -118,61 +144,71 @@ struct Meta {
   float* centre;
 };
 
-// The moment x[0, n) of one group as FP8 codes and its metadata (quantization.quantize_groups).
-void encode_group(const float* x, float* work, int64_t n, uint8_t* code, int64_t g, const Meta& meta,
-                  const Format& f, bool expansion, float min_expansion) {
-  const float inf = std::numeric_limits<float>::infinity();
-  float big = 0.0f, small = inf;
-#pragma omp simd reduction(max : big) reduction(min : small)
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = std::fabs(x[i]);
-    big = a > big ? a : big;
-    const float nz = a > 0.0f ? a : inf;
-    small = nz < small ? nz : small;
-  }
-  const bool nonzero = big > 0.0f;
-  const bool flat = small == big;
-  float scale = 1.0f, k = 1.0f, centre = 1.0f;
-  if (nonzero && expansion) {
-    const float log_r = static_cast<float>(std::log2(static_cast<double>(big / small)));
-    if (log_r > 0.0f) k = std::floor(f.log_range / log_r * 16.0f) / 16.0f;
-    k = k < min_expansion ? min_expansion : k;
-    centre = flat ? big : std::sqrt(big) * std::sqrt(small);
-    float top = 0.0f;
-#pragma omp simd reduction(max : top)
-    for (int64_t i = 0; i < n; ++i) {  // |y| = 2^(k log2|x / c|)
-      const float a = std::fabs(x[i]);
-      const float y = a > 0.0f ? exp2_poly(log2_poly(a / centre) * k) : 0.0f;
-      work[i] = y;
-      top = y > top ? y : top;
+// Codec parameters of up to BLOCK groups for encoding, from each group's largest and smallest non-zero
+// magnitude, as quantization.quantize_groups sets them: per element |r| = 2^(k log2(|x| / c) - log2 s)
+// with expansion, |x| / s without.
+constexpr int64_t BLOCK = 16;            // at most this many groups handled together
+constexpr int64_t BLOCK_ELEMENTS = 2048;  // and about this many elements (both moments: 16 KiB of L1)
+
+struct Encoders {
+  float big[BLOCK], small[BLOCK];  // in
+  float scale[BLOCK], k[BLOCK], centre[BLOCK], inv_centre[BLOCK], log2_scale[BLOCK];  // out
+
+  void compute(int64_t nb, const Format& f, bool expansion, float min_expansion) {
+    const float q = f.max_value, log_range = f.log_range;
+    float log_ratio[BLOCK];
+    for (int64_t j = 0; j < nb; ++j) {  // correctly rounded, as k must be the reference's
+      const bool spread = big[j] > 0.0f && small[j] != big[j];
+      log_ratio[j] = spread ? static_cast<float>(std::log2(static_cast<double>(big[j] / small[j]))) : 0.0f;
     }
-    if (!flat) scale = top / f.max_value;
-  } else if (nonzero) {
-    scale = flat ? big : big / f.max_value;
+    if (!expansion) {
+      for (int64_t j = 0; j < nb; ++j) {
+        const float hi = big[j];
+        scale[j] = hi > 0.0f ? (small[j] == hi ? hi : hi / q) : 1.0f;
+        k[j] = centre[j] = inv_centre[j] = 1.0f;
+        log2_scale[j] = 0.0f;
+      }
+      return;
+    }
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) work[i] = std::fabs(x[i]);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) work[i] = 0.0f;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float hi = big[j], lo = small[j], log_r = log_ratio[j];
+      const bool nonzero = hi > 0.0f;
+      const bool flat = lo == hi;
+      const bool spread = nonzero && !flat;
+      float kj = log_r > 0.0f ? std::floor(log_range / log_r * 16.0f) / 16.0f : 1.0f;
+      kj = kj < min_expansion ? min_expansion : kj;
+      kj = nonzero ? kj : 1.0f;
+      float cj = flat ? hi : std::sqrt(hi) * std::sqrt(lo);
+      cj = nonzero ? cj : 1.0f;
+      const float ic = 1.0f / cj;
+      // the group's largest |y| = 2^(k log2|x / c|) is big's (k > 0)
+      const float top = exp2_poly(log2_poly(spread ? hi * ic : 1.0f) * kj);
+      const float sj = spread ? top / q : 1.0f;
+      k[j] = kj;
+      centre[j] = cj;
+      inv_centre[j] = ic;
+      scale[j] = sj;
+      log2_scale[j] = spread ? log2_poly(sj) : 0.0f;
+    }
   }
-  const float q = f.max_value, least = f.smallest, min_normal = f.min_normal, magic = f.magic;
-  const int shift = 23 - f.mantissa;
-  const uint32_t bias = static_cast<uint32_t>(127 - f.bias) << f.mantissa;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float r = work[i] / scale;
-    const bool zero = r == 0.0f;
-    r = r < least ? least : (r > q ? q : r);
-    const uint32_t sign = bits_of(x[i]) >> 31 << 7;
-    const uint32_t mag = zero ? 0u : magnitude_code(r, shift, bias, min_normal, magic);
-    // expansion: sign(x) |y| is +0 for a zero; the plain codec keeps a zero's sign
-    code[i] = static_cast<uint8_t>((expansion && zero) ? 0u : (sign | mag));
-  }
-  meta.scale[g] = scale;
-  if (expansion) {
-    meta.expand[g] = k;
-    meta.centre[g] = centre;
-  }
+};
+
+// The FP8 code of one element of magnitude ``r`` (already |x| / s or its expansion) and sign bit of x.
+struct Rounder {
+  float q, least, min_normal, magic;
+  int shift;
+  uint32_t bias;
+  explicit Rounder(const Format& f)
+      : q(f.max_value), least(f.smallest), min_normal(f.min_normal), magic(f.magic), shift(23 - f.mantissa),
+        bias(static_cast<uint32_t>(127 - f.bias) << f.mantissa) {}
+};
+
+inline uint8_t round_code(float r, bool zero, uint32_t sign, const Rounder& o, bool keep_zero_sign) {
+  r = r < o.least ? o.least : (r > o.q ? o.q : r);
+  const uint32_t mag = zero ? 0u : magnitude_code(r, o.shift, o.bias, o.min_normal, o.magic);
+  // expansion: sign(x) |y| is +0 for a zero; the plain codec keeps a zero's sign
+  return static_cast<uint8_t>((zero && !keep_zero_sign) ? 0u : (sign | mag));
 }
 
 struct Step {
@@ -180,64 +216,145 @@ struct Step {
   bool small_weight;  // torch's lerp: start + w (end - start) for |w| < 1/2, else end + (w - 1)(end - start)
 };
 
+// torch.optim.AdamW's update of p[0, n) with gradient g and the decoded moments m and v (updated in
+// place); ``extremes``: each new moment's largest and smallest non-zero magnitude, for its encoding.
 template <typename P, typename G>
-void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_t numel, int64_t group,
-         bool expansion, float min_expansion, const Step& s, const Format& fm, const Format& fv) {
-  const int64_t groups = (numel + group - 1) / group;
+inline void update(P* p, const G* g, float* m, float* v, int64_t n, const Step& s, float* extremes) {
   // loop invariants as locals: the vectoriser does not read them through references
   const float decay = s.decay, beta2 = s.beta2, one_minus_beta2 = s.one_minus_beta2, eps = s.eps;
   const float neg_step_size = s.neg_step_size, bc2 = s.bias_correction2_sqrt;
   const float weight = s.small_weight ? s.weight : s.weight - 1.0f;
-  const bool small_weight = s.small_weight;
-  const float *m_log2 = fm.log2mag, *v_log2 = fv.log2mag, *m_value = fm.value, *v_value = fv.value;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(3 * group);
-    float* m = buffer.data();
-    float* v = m + group;
-    float* work = v + group;
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t start = g * group;
-      const int64_t n = std::min(group, numel - start);
-      P* pg = p + start;
-      const G* gg = grad + start;
-      const uint8_t* mc = mq + start;
-      const uint8_t* vc = vq + start;
-      const float ms = mm.scale[g], vs = vm.scale[g];
-      const float mk = expansion ? mm.expand[g] : 1.0f, vk = expansion ? vm.expand[g] : 1.0f;
-      const float mcen = expansion ? mm.centre[g] : 1.0f, vcen = expansion ? vm.centre[g] : 1.0f;
-      const float mls = static_cast<float>(std::log2(static_cast<double>(ms)));
-      const float vls = static_cast<float>(std::log2(static_cast<double>(vs)));
-      if (expansion) {  // sign(ys) 2^(log2|ys| / k) c
+  // lerp's start (m) or end (g), picked on the bits: a branch here is moved out of the loop by the
+  // compiler, which then vectorises only one of the two copies
+  const uint32_t start_mask = s.small_weight ? 0xFFFFFFFFu : 0u;
+  const float inf = std::numeric_limits<float>::infinity();
+  float mbig = 0.0f, msmall = inf, vbig = 0.0f, vsmall = inf;
+#pragma omp simd reduction(max : mbig, vbig) reduction(min : msmall, vsmall)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = static_cast<float>(g[i]);
+    float pi = static_cast<float>(p[i]) * decay;
+    // torch's vectorised lerp and addcmul round as these fused multiply-adds do
+    const float base = float_of((bits_of(m[i]) & start_mask) | (bits_of(gi) & ~start_mask));
+    const float mi = std::fma(weight, gi - m[i], base);
+    const float vi = std::fma(one_minus_beta2 * gi, gi, v[i] * beta2);
+    const float denom = std::sqrt(vi) / bc2 + eps;
+    pi = pi + (neg_step_size * mi) / denom;
+    p[i] = static_cast<P>(pi);
+    m[i] = mi;
+    v[i] = vi;
+    const float am = std::fabs(mi), av = std::fabs(vi);
+    mbig = am > mbig ? am : mbig;
+    vbig = av > vbig ? av : vbig;
+    const float nm = am > 0.0f ? am : inf, nv = av > 0.0f ? av : inf;
+    msmall = nm < msmall ? nm : msmall;
+    vsmall = nv < vsmall ? nv : vsmall;
+  }
+  extremes[0] = mbig;
+  extremes[1] = msmall;
+  extremes[2] = vbig;
+  extremes[3] = vsmall;
+}
+
+template <typename P, typename G>
+void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_t numel, int64_t group,
+         bool expansion, float min_expansion, const Step& s, const Format& fm, const Format& fv) {
+  const int64_t groups = (numel + group - 1) / group;
+  // a block of groups at a time: their per-group scalar work (log2 of the scales, the new encoders) is
+  // independent from group to group, so it overlaps instead of stalling between the vector loops
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(BLOCK, BLOCK_ELEMENTS / group));
+  at::parallel_for(0, groups, block, [&](int64_t begin, int64_t end) {
+    // loop invariants as locals of the worker: the vectoriser does not read them through references
+    const float *m_log2 = fm.log2mag, *v_log2 = fv.log2mag, *m_value = fm.value, *v_value = fv.value;
+    const Rounder om(fm), ov(fv);
+    float extremes[4];
+    std::vector<float> buffer(2 * block * group);
+    float* mb = buffer.data();
+    float* vb = mb + block * group;
+    float mls_b[BLOCK], vls_b[BLOCK];
+    Encoders em, ev;
+    for (int64_t g0 = begin; g0 < end; g0 += block) {
+      const int64_t nb = std::min(block, end - g0);
+      for (int64_t j = 0; j < nb; ++j) {
+        mls_b[j] = static_cast<float>(std::log2(static_cast<double>(mm.scale[g0 + j])));
+        vls_b[j] = static_cast<float>(std::log2(static_cast<double>(vm.scale[g0 + j])));
+      }
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t g = g0 + j;
+        const int64_t start = g * group;
+        const int64_t n = std::min(group, numel - start);
+        float* m = mb + j * group;
+        float* v = vb + j * group;
+        P* pg = p + start;
+        const G* gg = grad + start;
+        const uint8_t* mc = mq + start;
+        const uint8_t* vc = vq + start;
+        const float ms = mm.scale[g], vs = vm.scale[g];
+        const float mk = expansion ? mm.expand[g] : 1.0f, vk = expansion ? vm.expand[g] : 1.0f;
+        const float mcen = expansion ? mm.centre[g] : 1.0f, vcen = expansion ? vm.centre[g] : 1.0f;
+        const float mls = mls_b[j], vls = vls_b[j];
+        if (expansion) {  // sign(ys) 2^(log2|ys| / k) c
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          const uint32_t cm = mc[i], cv = vc[i];
-          const float xm = exp2_poly((m_log2[cm] + mls) / mk) * mcen;
-          const float xv = exp2_poly((v_log2[cv] + vls) / vk) * vcen;
-          m[i] = (cm & 0x7Fu) ? ((cm & 0x80u) ? -xm : xm) : 0.0f;
-          v[i] = (cv & 0x7Fu) ? ((cv & 0x80u) ? -xv : xv) : 0.0f;
+          for (int64_t i = 0; i < n; ++i) {
+            const uint32_t cm = mc[i], cv = vc[i];
+            const float xm = exp2_poly((m_log2[cm] + mls) / mk) * mcen;
+            const float xv = exp2_poly((v_log2[cv] + vls) / vk) * vcen;
+            m[i] = (cm & 0x7Fu) ? ((cm & 0x80u) ? -xm : xm) : 0.0f;
+            v[i] = (cv & 0x7Fu) ? ((cv & 0x80u) ? -xv : xv) : 0.0f;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            m[i] = m_value[mc[i]] * ms;
+            v[i] = v_value[vc[i]] * vs;
+          }
         }
-      } else {
+        update(pg, gg, m, v, n, s, extremes);
+        em.big[j] = extremes[0];
+        em.small[j] = extremes[1];
+        ev.big[j] = extremes[2];
+        ev.small[j] = extremes[3];
+      }
+      em.compute(nb, fm, expansion, min_expansion);
+      ev.compute(nb, fv, expansion, min_expansion);
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t g = g0 + j;
+        const int64_t start = g * group;
+        const int64_t n = std::min(group, numel - start);
+        const float* m = mb + j * group;
+        const float* v = vb + j * group;
+        uint8_t* mc = mq + start;
+        uint8_t* vc = vq + start;
+        if (expansion) {
+          const float mic = em.inv_centre[j], mke = em.k[j], mlsn = em.log2_scale[j];
+          const float vic = ev.inv_centre[j], vke = ev.k[j], vlsn = ev.log2_scale[j];
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          m[i] = m_value[mc[i]] * ms;
-          v[i] = v_value[vc[i]] * vs;
+          for (int64_t i = 0; i < n; ++i) {
+            const float am = std::fabs(m[i]), av = std::fabs(v[i]);
+            const bool zm = am == 0.0f, zv = av == 0.0f;
+            // log2 of a zero is never used: its code is +0
+            const float rm = exp2_normal(log2_poly(zm ? 1.0f : am * mic) * mke - mlsn);
+            const float rv = exp2_normal(log2_poly(zv ? 1.0f : av * vic) * vke - vlsn);
+            mc[i] = round_code(rm, zm, bits_of(m[i]) >> 31 << 7, om, false);
+            vc[i] = round_code(rv, zv, bits_of(v[i]) >> 31 << 7, ov, false);
+          }
+        } else {
+          const float msc = em.scale[j], vsc = ev.scale[j];
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            const float rm = std::fabs(m[i]) / msc, rv = std::fabs(v[i]) / vsc;
+            mc[i] = round_code(rm, rm == 0.0f, bits_of(m[i]) >> 31 << 7, om, true);
+            vc[i] = round_code(rv, rv == 0.0f, bits_of(v[i]) >> 31 << 7, ov, true);
+          }
+        }
+        mm.scale[g] = em.scale[j];
+        vm.scale[g] = ev.scale[j];
+        if (expansion) {
+          mm.expand[g] = em.k[j];
+          mm.centre[g] = em.centre[j];
+          vm.expand[g] = ev.k[j];
+          vm.centre[g] = ev.centre[j];
         }
       }
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const float gi = static_cast<float>(gg[i]);
-        float pi = static_cast<float>(pg[i]) * decay;
-        // torch's vectorised lerp and addcmul round as these fused multiply-adds do
-        const float mi = std::fma(weight, gi - m[i], small_weight ? m[i] : gi);
-        const float vi = std::fma(one_minus_beta2 * gi, gi, v[i] * beta2);
-        const float denom = std::sqrt(vi) / bc2 + eps;
-        pi = pi + (neg_step_size * mi) / denom;
-        pg[i] = static_cast<P>(pi);
-        m[i] = mi;
-        v[i] = vi;
-      }
-      encode_group(m, work, n, mq + start, g, mm, fm, expansion, min_expansion);
-      encode_group(v, work, n, vq + start, g, vm, fv, expansion, min_expansion);
     }
   });
 }

@@ -2,9 +2,9 @@
 
 In eager torch, each element needs a log2 and an exp2 to decode each moment and again to encode
 it: eight vectorised passes of transcendentals, several times torch AdamW's whole step. The kernel
-does the reference's math in one pass per quantization group while the group sits in L1, with
-one exp2 per element to decode a moment (log2 of a code's magnitude is a table) and a log2 and an
-exp2 to encode it. It is built on first use with torch's C++ extension loader (once per machine);
+does the reference's math a few quantization groups at a time while they sit in L1, with one exp2
+per element to decode a moment (log2 of a code's magnitude is a table) and a log2 and an exp2 to
+encode it (the group's scale folded into the exponent). It is built on first use with torch's C++ extension loader (once per machine);
 where that fails, the step keeps the torch reference and warns once with the reason.
 """
 
