@@ -116,7 +116,8 @@ def measure(workload: str, vocab: int, names: list[str], batch: int | None, fold
         report, step = probe_and_step(workload, [f"model.config.vocab_size={vocab}", *extra, *VARIANTS[name]])
         head = report.headline()
         head["host"] -= start
-        results[name] = {"headline": head, "peak_total": report.peak_total, "peak_rss": report.peak_rss,
+        results[name] = {"headline": head, "peak_total": report.peak_total, "at_peak": report.at_peak,
+                         "peak_rss": report.peak_rss,
                          "probe_wall_s": round(time.perf_counter() - t0, 1), "overrides": VARIANTS[name]}
         path.write_text(json.dumps(results[name], indent=2) + "\n")
         if keep_steps:
