@@ -249,20 +249,30 @@ class SavedGatedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        """The product rule by hand, each (tokens, intermediate) tensor freed once used: at most five
+        live at once (g, u, act(g), grad_h and grad_u, then grad_a and the recomputed act's
+        gradient) instead of seven under autograd on ``act(g) * u``; the same operations, so the
+        same gradients."""
         weight, packed, dtypes = _release(ctx)
         need_g, need_u, need_w, need_b = ctx.needs_input_grad[:4]
-        g, u = (c.unpack(p, dt).requires_grad_(n)
-                for c, p, dt, n in zip(ctx.codecs, packed, dtypes, (need_g, need_u)))
-        with torch.enable_grad():
-            h = ctx.act(g) * u
-        grad_w, grad_b = linear_param_grads(grad, h.detach(), need_w, ctx.has_bias and need_b)
+        g, u = (c.unpack(p, dt) for c, p, dt in zip(ctx.codecs, packed, dtypes))
+        del packed
+        a = ctx.act(g)
+        h = a * u
+        grad_w, grad_b = linear_param_grads(grad, h, need_w, ctx.has_bias and need_b)
+        dtype = h.dtype
+        del h
         grad_g = grad_u = None
         if need_g or need_u:
-            grad_h = (grad @ weight).to(h.dtype)
-            targets = [t for t, n in ((g, need_g), (u, need_u)) if n]
-            found = iter(torch.autograd.grad(h, targets, grad_h))
-            grad_g = next(found) if need_g else None
-            grad_u = next(found) if need_u else None
+            grad_h = (grad @ weight).to(dtype)
+            grad_u = (grad_h * a).to(u.dtype) if need_u else None
+            del a
+            if need_g:
+                grad_a = (grad_h * u).to(g.dtype)
+                del grad_h, u
+                with torch.enable_grad():
+                    x = g.requires_grad_()
+                    (grad_g,) = torch.autograd.grad(ctx.act(x), x, grad_a)
         return grad_g, grad_u, grad_w, grad_b, None, None
 
 

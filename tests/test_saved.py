@@ -169,3 +169,23 @@ def test_packed_store_takes_every_packed_tensor_and_gives_it_back():
     with packed_store(pack, unpack), packed_store(lambda t: t, lambda t: t):  # the innermost store applies
         SavedLinear.apply(x, w, b, PairCodec())
     assert len(kept) == 8
+
+
+def test_gated_linear_backward_holds_five_intermediate_tensors_at_most():
+    """Its backward's worst moment, measured: five (tokens, intermediate) tensors beside the incoming
+    gradient and the weight's gradient (autograd on ``act(g) * u`` held seven)."""
+    from torch import nn
+
+    from memwise.memory import measure_step
+
+    tokens, inter, hidden = 256, 96, 32
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0))
+    m = nn.ModuleDict({"gate": nn.Linear(hidden, inter, bias=False), "up": nn.Linear(hidden, inter, bias=False),
+                       "down": nn.Linear(inter, hidden, bias=False)})
+
+    def loss():
+        g, u = m["gate"](x), m["up"](x)
+        return SavedGatedLinear.apply(g, u, m["down"].weight, None, F.silu, [Half(), Half()]).square().mean()
+
+    report = measure_step(m, torch.optim.SGD(m.parameters(), lr=0.0), loss)
+    assert report.category_max["temporaries"] == 4 * (5 * tokens * inter + tokens * hidden + hidden * inter)

@@ -2,7 +2,7 @@
 checkpointing, Mesa, offload, offload + Mesa, chunked CE and the full composition
 (COAT optimizer + Mesa + chunked CE + offload), each category, end-to-end peak, step time.
 
-    python tools/bench/activations.py [--time] [--vocab 32768,260] [--only a,b] [--batch N]
+    python tools/bench/activations.py [--time] [--vocab 32768,260] [--only a,b] [--batch N] [--workload tiny]
     python tools/bench/activations.py --quality tiny --steps 50 --vocab 32768 [--only a,b]
     python tools/bench/activations.py --head        # LM head + loss alone at SmolLM2's shapes
     python tools/bench/activations.py --tiny-time [--vocab 32768,260] [--batch 4]   # step times on tiny
@@ -38,6 +38,9 @@ MESA = "{use: mesa, with: {exclude: ['*lm_head']}}"
 OFFLOAD = "{use: offload, with: {layers: all, fraction: 1.0, prefetch: 1}}"
 CE = "{use: chunked_ce}"
 COAT = "{use: coat, with: {activations: false}}"
+COMPOSITION = f"plugins=[{COAT}, {MESA}, {CE}, {OFFLOAD}]"
+# fused_step applies each update in backward, before a global gradient norm exists: no clipping
+FUSED = ["trainer.gradient_clip_val=null", f"plugins=[{COAT}, {MESA}, {CE}, {OFFLOAD}, {{use: fused_step}}]"]
 VARIANTS = {
     "baseline": [],
     "checkpointing": ["plugins=[{use: checkpointing, with: {layers: all}}]"],
@@ -45,10 +48,13 @@ VARIANTS = {
     "offload": [f"plugins=[{OFFLOAD}]"],
     "offload+mesa": [f"plugins=[{MESA}, {OFFLOAD}]"],
     "chunked_ce": [f"plugins=[{CE}]"],
-    "composition": [f"plugins=[{COAT}, {MESA}, {CE}, {OFFLOAD}]"],
+    "composition": [COMPOSITION],
+    "composition + fused_step": FUSED,
     "baseline bf16-mixed": ["trainer.precision=bf16-mixed"],
-    "composition bf16-mixed": ["trainer.precision=bf16-mixed", f"plugins=[{COAT}, {MESA}, {CE}, {OFFLOAD}]"],
+    "composition bf16-mixed": ["trainer.precision=bf16-mixed", COMPOSITION],
+    "composition + fused_step bf16-mixed": ["trainer.precision=bf16-mixed", *FUSED],
 }
+COMPOSITIONS = [n for n in VARIANTS if n.startswith("composition")]
 
 
 def head_share(tokens: int, hidden: int, vocab: int) -> None:
@@ -89,8 +95,9 @@ def slug(name: str) -> str:
     return name.replace(" ", "_").replace("+", "-")
 
 
-def measure(vocab: int, names: list[str], batch: int | None, folder: Path, keep_steps: bool) -> tuple[dict, dict]:
-    """Each variant's probe on `small`: figures written to ``folder`` as soon as measured and read
+def measure(workload: str, vocab: int, names: list[str], batch: int | None, folder: Path,
+            keep_steps: bool) -> tuple[dict, dict]:
+    """Each variant's probe on ``workload``: figures written to ``folder`` as soon as measured and read
     back from there on a later call (delete a file to measure it again); with ``keep_steps`` every
     variant is measured here and its step function kept, for timing."""
     from memwise.memory import HOST
@@ -106,10 +113,11 @@ def measure(vocab: int, names: list[str], batch: int | None, folder: Path, keep_
             continue
         start = HOST.current
         t0 = time.perf_counter()
-        report, step = probe_and_step("small", [f"model.config.vocab_size={vocab}", *extra, *VARIANTS[name]])
+        report, step = probe_and_step(workload, [f"model.config.vocab_size={vocab}", *extra, *VARIANTS[name]])
         head = report.headline()
         head["host"] -= start
-        results[name] = {"headline": head, "peak_total": report.peak_total, "peak_rss": report.peak_rss,
+        results[name] = {"headline": head, "peak_total": report.peak_total, "at_peak": report.at_peak,
+                         "peak_rss": report.peak_rss,
                          "probe_wall_s": round(time.perf_counter() - t0, 1), "overrides": VARIANTS[name]}
         path.write_text(json.dumps(results[name], indent=2) + "\n")
         if keep_steps:
@@ -152,7 +160,7 @@ def quality(workload: str, vocab: int, names: list[str], batch: int | None, step
         ratio = (f"{rows['baseline bf16-mixed'][1] / peak:.2f}x" if "baseline bf16-mixed" in rows else "-")
         print(f"| {name} | {h['first']:.4f} | {h['last']:.4f} | {delta} | {peak / MIB:,.1f} | {ratio} | "
               f"{h['elapsed_s']:.0f} |")
-    for ref in ("composition", "composition bf16-mixed"):
+    for ref in COMPOSITIONS:
         if "baseline bf16-mixed" in rows and ref in rows:
             (b, bpeak), (c, cpeak) = rows["baseline bf16-mixed"], rows[ref]
             print(f"\n{ref} vs bf16-mixed AdamW: end-to-end peak {bpeak / cpeak:.2f}x below (goal >= 4x), "
@@ -172,6 +180,7 @@ def main() -> None:
                         help="instead: train each variant --steps steps on this workload (tiny, small) and "
                              "table the validation losses and the runs' measured peaks")
     parser.add_argument("--steps", type=int, default=50, help="training steps for --quality")
+    parser.add_argument("--workload", default="small", help="reference workload of the probe tables (small, tiny)")
     parser.add_argument("--head", action="store_true", help="only the LM head + loss at SmolLM2's shapes")
     parser.add_argument("--tiny-time", action="store_true", help="only step-time ratios of the fp32 variants on tiny")
     args = parser.parse_args()
@@ -192,16 +201,16 @@ def main() -> None:
             quality(args.quality, vocab, names, args.batch, args.steps, args.out)
         return
     for vocab in [int(v) for v in args.vocab.split(",")]:
-        folder = args.out / f"small-v{vocab}-b{args.batch or 'recipe'}"
-        results, steps = measure(vocab, names, args.batch, folder, args.time)
+        folder = args.out / f"{args.workload}-v{vocab}-b{args.batch or 'recipe'}"
+        results, steps = measure(args.workload, vocab, names, args.batch, folder, args.time)
         base = "baseline" if "baseline" in results else names[0]
-        print(f"### small, vocabulary {vocab}, batch {args.batch or 'of the recipe (8)'} x 512: "
+        print(f"### {args.workload}, vocabulary {vocab}, batch {args.batch or 'of the recipe'}: "
               f"measured memory (MiB; ratio to {base})\n")
         print(memory_table([(n, r["headline"]) for n, r in results.items()], base))
         print(f"\n| variant | end-to-end peak (MiB) | ratio to {base} |\n|---|---|---|")
         for name, r in results.items():
             print(f"| {name} | {r['peak_total'] / MIB:,.1f} | {results[base]['peak_total'] / r['peak_total']:.2f}x |")
-        for ref in ("composition", "composition bf16-mixed"):
+        for ref in COMPOSITIONS:
             if "baseline bf16-mixed" in results and ref in results:
                 ratio = results["baseline bf16-mixed"]["peak_total"] / results[ref]["peak_total"]
                 print(f"\n{ref} vs bf16-mixed AdamW, end-to-end peak: {ratio:.2f}x")

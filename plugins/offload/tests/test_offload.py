@@ -175,3 +175,43 @@ def test_plugin_rules():
     other = type("OtherOffload", (OffloadPlugin,), {"name": "other_offload"})()
     problems = check([off, other], "fit")
     assert any("both provide 'activation.placement'" in p.message for p in problems)
+
+
+def bf16_grads(m):
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(m)
+    out.backward()
+    return [p.grad.clone() for p in m.parameters()]
+
+
+def test_autocast_weight_copies_are_cast_again_not_offloaded(monkeypatch):
+    from memwise.memory import autocast_copy_bytes
+    from memwise_offload import offload
+
+    want = bf16_grads(llama())
+    m = llama()
+    apply_offload(m)
+    assert all(torch.equal(a, b) for a, b in zip(bf16_grads(m), want))  # the same bf16 values come back
+    recast = offloader_of(m).pool.nbytes
+    copying = llama()
+    apply_offload(copying)
+    monkeypatch.setattr(offload, "parameter_cast_of", lambda t, params: None)  # every saved tensor to host
+    assert all(torch.equal(a, b) for a, b in zip(bf16_grads(copying), want))
+    # exactly the layers' bf16 weight copies no longer travel
+    assert offloader_of(copying).pool.nbytes - recast == autocast_copy_bytes(m.config, "bf16-mixed")
+    # and the estimate leaves them out of host too (within 5%; counting them would be 8% over here)
+    ctx = memwise.RunContext(stage="fit", model=m, workload=memwise.Workload(4, 64, "bf16-mixed"))
+    host = OffloadPlugin().memwise_estimate_memory(ctx=ctx, estimate=None).host
+    assert abs(host - recast) <= 0.05 * recast, (host, recast)
+
+
+def test_a_parameter_changed_between_forward_and_backward_is_an_error():
+    m = llama()
+    apply_offload(m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(m)
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="offload: a parameter"):
+        out.backward()

@@ -74,9 +74,10 @@ def activation_delta(model: nn.Module, plan: Sequence[Conversion], tokens: int, 
     return delta
 
 
-GATED_BACKWARD_TENSORS = 7
-"""tokens x intermediate tensors a gated MLP's backward holds at its worst: g and u unpacked,
-act(g) and the product recomputed, the product's gradient, and the gradients of g and u."""
+GATED_BACKWARD_TENSORS = 5
+"""tokens x intermediate tensors a gated MLP's backward holds at its worst (memwise.saved's
+SavedGatedLinear frees each once used): g and u unpacked, act(g), the product's gradient and
+the gradient of u."""
 
 
 def layer_backward_bytes(model: nn.Module, plan: Sequence[Conversion], tokens: int, act_bytes: int,

@@ -100,6 +100,37 @@ class _View:
     offset: int
 
 
+@dataclass(frozen=True)
+class _Recast:
+    """A saved cast of a parameter (autocast's copy of a weight), or a view of one (the transposed
+    weight a matmul keeps): cast again when unpacked."""
+
+    param: torch.Tensor
+    version: int
+    dtype: torch.dtype
+    shape: tuple
+    stride: tuple
+    offset: int
+
+
+_CASTS = ("ToCopyBackward0", "_ToCopyBackward0")
+
+
+def parameter_cast_of(t: torch.Tensor, params: set[int]) -> torch.Tensor | None:
+    """The parameter that ``t`` is a whole-tensor dtype cast of (autograd records it as a copy node
+    whose input is the parameter's gradient accumulator), or None."""
+    fn = t.grad_fn
+    if fn is None or type(fn).__name__ not in _CASTS or len(fn.next_functions) != 1:
+        return None
+    acc = fn.next_functions[0][0]
+    param = getattr(acc, "variable", None)
+    if param is None or param.untyped_storage().data_ptr() not in params:
+        return None
+    if param.shape != t.shape or not t.is_contiguous() or param.dtype == t.dtype:
+        return None
+    return param
+
+
 @dataclass
 class _Group:
     """The saved tensors of one layer call."""
@@ -148,6 +179,10 @@ class Offloader:
         ptr = t.untyped_storage().data_ptr()
         if ptr in self.params or t.device.type == "meta" or ptr == 0:
             return t  # weights (and empty tensors) stay where they are
+        param = parameter_cast_of(t if t._base is None else t._base, self.params)
+        if param is not None:
+            group.pending += 1
+            return _Recast(param, param._version, t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
         known = group.by_storage.get(ptr)
         # the weak reference proves the storage is still the one copied (not a new one at a freed address)
         if known is not None and known[0]() is not None:
@@ -191,6 +226,8 @@ class Offloader:
     def _unpack(self, group: _Group, packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
+        if isinstance(packed, _Recast):
+            return self._recast(group, packed)
         saved = packed.storage
         if saved.device is None:
             self._fetch(group)
@@ -206,6 +243,15 @@ class Offloader:
         if saved.uses == 0:
             saved.device = None  # autograd holds the view while the node that needs it runs
         return out
+
+    def _recast(self, group: _Group, packed: _Recast) -> torch.Tensor:
+        if packed.param._version != packed.version:
+            raise RuntimeError("offload: a parameter whose low-precision copy a layer saved for backward was "
+                               "changed in place between forward and backward; offload casts it again in "
+                               "backward, which would differ from what forward used. Update parameters after "
+                               "backward (not inside it), or remove offload")
+        group.pending -= 1
+        return packed.param.detach().to(packed.dtype).as_strided(packed.shape, packed.stride, packed.offset)
 
 
 def _slice_rows(value: Any, start: int, stop: int, rows: int) -> Any:

@@ -74,7 +74,7 @@ class OffloadPlugin(memwise.Plugin):
 
     @memwise.hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
-        from memwise.memory import llama_activation_bytes, llama_layer_activation_bytes
+        from memwise.memory import autocast_copy_bytes, llama_activation_bytes, llama_layer_activation_bytes
 
         w, config = ctx.workload, ctx.model.config
         n = len(self._indices(ctx.model))
@@ -87,8 +87,10 @@ class OffloadPlugin(memwise.Plugin):
             layer = min(layer, max(0, estimate.activations - outside) // layers)
         kept_input = (1 - share) * w.batch_size * w.seq_len * config.hidden_size * 4
         window = min(n, self.config.prefetch + 1)
-        return MemoryDelta(activations=int(-n * layer + n * kept_input), host=int(n * share * layer),
-                           temporaries=int(window * share * layer + (1 - share) * layer),
+        # autocast's weight copies are cast again in backward, not sent to host
+        moved = max(0, layer - autocast_copy_bytes(config, w.precision) // max(1, len(select_layers(ctx.model))))
+        return MemoryDelta(activations=int(-n * layer + n * kept_input), host=int(n * share * moved),
+                           temporaries=int(window * share * moved + (1 - share) * layer),
                            note=f"{n} layers: {share:.0%} of tokens swapped to host, the rest recomputed; "
                                 f"{window} layer(s) on the device in backward")
 
