@@ -63,13 +63,8 @@ inline float log2_poly(float x) {
   return static_cast<float>(e) + std::fma(t, s2 * q, t);
 }
 
-// 2^x within about an ulp, 0 below the subnormals and inf above the float range: x = n + f with
-// |f| <= 1/2, 2^f by its Taylor series to degree 7, times 2^n as two powers of two (so subnormal
-// results round once).
-inline float exp2_poly(float x) {
-  x = x < -151.0f ? -151.0f : (x > 129.0f ? 129.0f : x);
-  const float n = (x + 12582912.0f) - 12582912.0f;  // round to nearest integer (1.5 * 2^23)
-  const float f = x - n;
+// 2^f for |f| <= 1/2 by its Taylor series to degree 7
+inline float exp2_fraction(float f) {
   float p = 1.52527338e-5f;  // ln2^7 / 7!
   p = std::fma(p, f, 1.54035304e-4f);
   p = std::fma(p, f, 1.33335581e-3f);
@@ -77,7 +72,16 @@ inline float exp2_poly(float x) {
   p = std::fma(p, f, 5.55041087e-2f);
   p = std::fma(p, f, 2.40226507e-1f);
   p = std::fma(p, f, 6.93147181e-1f);
-  p = std::fma(p, f, 1.0f);
+  return std::fma(p, f, 1.0f);
+}
+
+// 2^x within about an ulp, 0 below the subnormals and inf above the float range: x = n + f with
+// |f| <= 1/2, 2^f by exp2_fraction, times 2^n as two powers of two (so subnormal
+// results round once).
+inline float exp2_poly(float x) {
+  x = x < -151.0f ? -151.0f : (x > 129.0f ? 129.0f : x);
+  const float n = (x + 12582912.0f) - 12582912.0f;  // round to nearest integer (1.5 * 2^23)
+  const float p = exp2_fraction(x - n);
   const int ni = static_cast<int>(n);
   const int n1 = ni >> 1;
   const int n2 = ni - n1;
@@ -89,15 +93,7 @@ inline float exp2_poly(float x) {
 inline float exp2_normal(float x) {
   x = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);
   const float n = (x + 12582912.0f) - 12582912.0f;
-  const float f = x - n;
-  float p = 1.52527338e-5f;
-  p = std::fma(p, f, 1.54035304e-4f);
-  p = std::fma(p, f, 1.33335581e-3f);
-  p = std::fma(p, f, 9.61812911e-3f);
-  p = std::fma(p, f, 5.55041087e-2f);
-  p = std::fma(p, f, 2.40226507e-1f);
-  p = std::fma(p, f, 6.93147181e-1f);
-  p = std::fma(p, f, 1.0f);
+  const float p = exp2_fraction(x - n);
   return p * float_of(static_cast<uint32_t>(static_cast<int>(n) + 127) << 23);
 }
 
