@@ -189,3 +189,12 @@ def test_gated_linear_backward_holds_five_intermediate_tensors_at_most():
 
     report = measure_step(m, torch.optim.SGD(m.parameters(), lr=0.0), loss)
     assert report.category_max["temporaries"] == 4 * (5 * tokens * inter + tokens * hidden + hidden * inter)
+
+
+def test_gated_linear_gradients_are_autograd_bitwise_in_fp32_and_bf16():
+    """The hand-written product rule does autograd's operations on ``act(g) * u``, so the same bits."""
+    for dtype in (torch.float32, torch.bfloat16):
+        g, u, w = [t.detach().to(dtype).requires_grad_() for t in leaves((2, 3, 8), (2, 3, 8), (4, 8), seed=1)]
+        ours = grads(SavedGatedLinear.apply(g, u, w, None, F.silu, [Half(), Half()]), [g, u, w])
+        ref = grads(F.linear(F.silu(g) * u, w), [g, u, w])
+        assert all(torch.equal(a, r) for a, r in zip(ours, ref)), dtype
