@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -387,21 +387,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise RecipeError([Problem("--max-new-tokens", "is a generation setting: add --stage generate")],
                           source="memwise plan")
     rows, notes = planner.plan_model(target, budget, args.devices)
-    unit, gib = ("GiB", 2 ** 30) if budget >= 2 ** 30 else ("MiB", 2 ** 20)
-    table = Table(title=f"plan for {args.model}: seq {target.seq_len}, batch {target.batch_size} per device, "
-                        f"{target.precision}, budget {args.budget} per device ({unit} per device)")
-    for col in ("#", "combination", "fits", "peak", "parameters", "gradients", "optimizer", "activations",
-                "temporaries", "slowdown"):
-        table.add_column(col, justify="left" if col in ("combination", "fits") else "right")
-    for i, c in enumerate(rows):
-        e = c.estimate
-        table.add_row(str(i + 1), c.label, "yes" if c.fits else "no", f"{c.peak / gib:,.2f}",
-                      *(f"{getattr(e, k) / gib:,.2f}" for k in ("parameters", "gradients", "optimizer_state",
-                                                                 "activations", "temporaries")),
-                      f"{c.slowdown:.2f}x")
+    unit, gib = _plan_unit(budget)
+    table = _ranked_table(f"plan for {args.model}: seq {target.seq_len}, batch {target.batch_size} per device, "
+                        f"{target.precision}, budget {args.budget} per device ({unit} per device)",
+                        ("peak", "parameters", "gradients", "optimizer", "activations", "temporaries", "slowdown"),
+                        rows, lambda c: [f"{v / gib:,.2f}" for v in (c.peak, *(getattr(c.estimate, k) for k in (
+                            "parameters", "gradients", "optimizer_state", "activations", "temporaries")))]
+                        + [f"{c.slowdown:.2f}x"])
     return _finish_plan(args, table, rows, notes, (start, cpu), lambda best: planner.recipe_for(target, best),
                         (gib, f"{unit} per device"), "combination",
                         "more --devices, a shorter --seq-len or a smaller --batch-size", "run it with: memwise run {path}")
+
+
+def _plan_unit(budget: int) -> tuple[str, int]:
+    """The unit a plan prints its bytes in: GiB from a 1 GiB budget up, else MiB."""
+    return ("GiB", 2 ** 30) if budget >= 2 ** 30 else ("MiB", 2 ** 20)
+
+
+def _ranked_table(title: str, figures: tuple[str, ...], rows: list, cells: Callable[[Any], list[str]]) -> Any:
+    """``memwise plan``'s table: each row's rank, label and whether it fits, then ``cells(row)``."""
+    table = Table(title=title)
+    for col in ("#", "combination", "fits", *figures):
+        table.add_column(col, justify="left" if col in ("combination", "fits") else "right")
+    for i, c in enumerate(rows):
+        table.add_row(str(i + 1), c.label, "yes" if c.fits else "no", *cells(c))
+    return table
 
 
 def _finish_plan(args: argparse.Namespace, table: Any, rows: list, notes: list[str], started: tuple[float, float],
@@ -442,18 +452,15 @@ def _plan_generation(args: argparse.Namespace, target: Any, budget: int, start: 
         target.precision = {"float32": "32-true", "float16": "16-true"}.get(target.model_dtype or "", "bf16-true")
     new = args.max_new_tokens if args.max_new_tokens is not None else target.max_new_tokens
     rows, notes = generation_plan.plan_generation(target, budget, new)
-    unit, scale = ("GiB", 2 ** 30) if budget >= 2 ** 30 else ("MiB", 2 ** 20)
-    table = Table(title=f"generation plan for {args.model}: prompt {target.seq_len} + {new} new tokens, batch "
-                        f"{target.batch_size}, {target.precision}, budget {args.budget} ({unit})")
-    for col in ("#", "combination", "fits", "peak", "weights", "KV at prompt", "KV at end", "prefill temporaries",
-                "quality cost", "slowdown"):
-        table.add_column(col, justify="left" if col in ("combination", "fits") else "right")
-    for i, c in enumerate(rows):
-        e = c.estimate
-        table.add_row(str(i + 1), c.label, "yes" if c.fits else "no",
-                      *(f"{v / scale:,.3f}" for v in (c.peak, e.parameters, c.prefill_kv, e.kv_cache,
-                                                      e.temporaries + e.layer_forward)),
-                      f"{c.quality:.2f}", f"{c.slowdown:.2f}x")
+    unit, scale = _plan_unit(budget)
+    table = _ranked_table(f"generation plan for {args.model}: prompt {target.seq_len} + {new} new tokens, batch "
+                        f"{target.batch_size}, {target.precision}, budget {args.budget} ({unit})",
+                        ("peak", "weights", "KV at prompt", "KV at end", "prefill temporaries", "quality cost",
+                         "slowdown"),
+                        rows, lambda c: [f"{v / scale:,.3f}" for v in (
+                            c.peak, c.estimate.parameters, c.prefill_kv, c.estimate.kv_cache,
+                            c.estimate.temporaries + c.estimate.layer_forward)]
+                        + [f"{c.quality:.2f}", f"{c.slowdown:.2f}x"])
     return _finish_plan(args, table, rows, notes, (start, cpu),
                         lambda best: generation_plan.generate_recipe_for(target, best, new), (scale, unit), "cache",
                         "a shorter --seq-len, fewer --max-new-tokens, a smaller --batch-size or bf16-true",

@@ -1,8 +1,9 @@
 """pytest fixtures for plugin authors, loaded by pytest through memwise's ``pytest11`` entry point.
 
 Installing memwise gives every plugin repository the same fixtures the first-party plugins
-use: a tiny Llama, the real test model, triton's interpreter, and a plugin registered as if
-its distribution were installed, without running pip inside a test.
+use: a tiny Llama, the real test model, triton's interpreter, a machine without a C++ compiler
+for the CPU kernels, and a plugin registered as if its distribution were installed, without
+running pip inside a test.
 """
 
 from __future__ import annotations
@@ -37,6 +38,21 @@ def triton_interpreter() -> Callable:
     """``run(script)`` runs a script under TRITON_INTERPRET=1 in a subprocess; skips without triton."""
     pytest.importorskip("triton")
     return testing.run_under_triton_interpreter
+
+
+@pytest.fixture
+def no_cpu_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every :func:`memwise.kernels.cpu_extension.cpu_extension` build fails as on a machine without a
+    C++ compiler ("no C++ compiler found"), with nothing built earlier in the process remembered."""
+    import torch.utils.cpp_extension
+
+    from memwise.kernels import cpu_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_extension, "_BUILT", {})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
 
 
 @dataclass(frozen=True)

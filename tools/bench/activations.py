@@ -38,9 +38,10 @@ MESA = "{use: mesa, with: {exclude: ['*lm_head']}}"
 OFFLOAD = "{use: offload, with: {layers: all, fraction: 1.0, prefetch: 1}}"
 CE = "{use: chunked_ce}"
 COAT = "{use: coat, with: {activations: false}}"
-COMPOSITION = f"plugins=[{COAT}, {MESA}, {CE}, {OFFLOAD}]"
+COMPOSED = f"{COAT}, {MESA}, {CE}, {OFFLOAD}"
+COMPOSITION = f"plugins=[{COMPOSED}]"
 # fused_step applies each update in backward, before a global gradient norm exists: no clipping
-FUSED = ["trainer.gradient_clip_val=null", f"plugins=[{COAT}, {MESA}, {CE}, {OFFLOAD}, {{use: fused_step}}]"]
+FUSED = ["trainer.gradient_clip_val=null", f"plugins=[{COMPOSED}, {{use: fused_step}}]"]
 VARIANTS = {
     "baseline": [],
     "checkpointing": ["plugins=[{use: checkpointing, with: {layers: all}}]"],

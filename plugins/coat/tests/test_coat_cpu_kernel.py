@@ -16,7 +16,6 @@ import warnings
 
 import pytest
 import torch
-from memwise.kernels import cpu_extension
 
 from memwise_coat import CoatAdamW, optimizer
 from memwise_coat.kernels import cpu_step
@@ -115,14 +114,7 @@ def test_coat_adamw_steps_through_the_kernel_on_cpu(ext, monkeypatch):
     assert opt.state[params[1]]["exp_avg"].dtype == torch.float32
 
 
-def test_a_kernel_that_cannot_be_built_warns_once_and_steps_with_the_reference(monkeypatch):
-    import torch.utils.cpp_extension
-
-    def no_compiler(**kwargs):
-        raise RuntimeError("no C++ compiler found")
-
-    monkeypatch.setattr(cpu_extension, "_BUILT", {})
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+def test_a_kernel_that_cannot_be_built_warns_once_and_steps_with_the_reference(no_cpu_compiler, monkeypatch):
     with pytest.warns(UserWarning, match="CoatAdamW kernel could not be built .*no C\\+\\+ compiler found.*reference"):
         assert cpu_step.extension() is None
     runs = []

@@ -12,7 +12,6 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from kvprune_helpers import greedy_loop, prompts, tiny_llama  # noqa: E402
 
-from memwise.kernels import cpu_extension  # noqa: E402
 from memwise_kvprune import FP8, Eviction, ThinK, pruned_generation  # noqa: E402
 from memwise_kvprune.attention import attend  # noqa: E402
 from memwise_kvprune.kernels import cpu_attention  # noqa: E402
@@ -77,14 +76,7 @@ def test_decoding_through_the_kernel_matches_the_torch_path(ext, monkeypatch, th
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_the_torch_path(monkeypatch):
-    import torch.utils.cpp_extension
-
-    def no_compiler(**kwargs):
-        raise RuntimeError("no C++ compiler found")
-
-    monkeypatch.setattr(cpu_extension, "_BUILT", {})
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_the_torch_path(no_cpu_compiler):
     with pytest.warns(UserWarning, match="could not be built .*no C\\+\\+ compiler found.*torch operations"):
         assert cpu_attention.extension() is None
     with warnings.catch_warnings():
