@@ -5,14 +5,16 @@
 // encodes both moments. Each group's data sits in L1 throughout.
 //
 // The math is memwise_coat.update.fp8_step_reference's, except for these things: log2 and exp2 are
-// the polynomials below (within about an ulp of torch's); the log2 of a decoded value,
-// log2|code * scale|, is read as log2|code| (a 256-entry table) + log2(scale) (once per group); and
-// encoding folds the scale into the exponent: |y| = 2^(k log2|x / c|) grows with |x| (k > 0), so
-// the group's largest |y| is the one of its largest |x|, known before the loop, and each element's
-// |r| = |y| / s is computed as 2^(k log2(|x| / c) - log2 s), with 1 / c and log2 s once per group.
-// A code may therefore differ from the reference's by one FP8 step where |r| lies within a few ulps
-// of a rounding boundary. Zeros, groups of zeros and groups of one magnitude (scale 1, every code 1)
-// are coded as the reference codes them. Decoding an element costs one exp2 and encoding it one log2
+// the polynomials below (within about an ulp of torch's; encoding's are shorter, as its result is
+// rounded onto FP8); decoding a group whose expansion k is j / 16 (4 <= j < 1024, as k is set) reads
+// 2^(log2|code| / k) from a table made once per k and multiplies it by the group's 2^(log2 s / k) c,
+// and other groups read log2|code * scale| as log2|code| (a 256-entry table) + log2(scale) and take
+// one exp2 per element; and encoding folds the scale into the exponent: |y| = 2^(k log2|x / c|) grows
+// with |x| (k > 0), so the group's largest |y| is the one of its largest |x|, known before the loop,
+// and each element's |r| = |y| / s is computed as 2^(k log2(|x| / c) - log2 s), with 1 / c and log2 s
+// once per group. A code may therefore differ from the reference's by one FP8 step where |r| lies
+// within a few ulps of a rounding boundary. Zeros, groups of zeros and groups of one magnitude
+// (scale 1, every code 1) are coded as the reference codes them. Encoding an element costs one log2
 // and one exp2. Rounding onto FP8 is done on the bits, half to even, as torch's cast rounds.
 
 #include <torch/extension.h>
@@ -63,16 +65,44 @@ inline float log2_poly(float x) {
   return static_cast<float>(e) + std::fma(t, s2 * q, t);
 }
 
-// 2^f for |f| <= 1/2 by its Taylor series to degree 7
+// log2_poly to encoding's precision: the series to s^7 (absolute error 4e-8)
+inline float log2_coarse(float x) {
+  const bool sub = x < 1.17549435e-38f;
+  x = sub ? x * 8388608.0f : x;  // 2^23
+  const uint32_t u = bits_of(x);
+  int e = static_cast<int>(u >> 23) - 127 - (sub ? 23 : 0);
+  float m = float_of((u & 0x007FFFFFu) | 0x3F800000u);
+  const bool high = m > 1.41421356f;
+  m = high ? m * 0.5f : m;
+  e += high ? 1 : 0;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float q = 1.0f / 7.0f;
+  q = std::fma(q, s2, 1.0f / 5.0f);
+  q = std::fma(q, s2, 1.0f / 3.0f);
+  const float t = s * 2.88539008f;  // 2 log2(e)
+  return static_cast<float>(e) + std::fma(t, s2 * q, t);
+}
+
+// 2^f for |f| <= 1/2: degree 6, interpolated at the Chebyshev nodes (relative error 2.5e-9)
 inline float exp2_fraction(float f) {
-  float p = 1.52527338e-5f;  // ln2^7 / 7!
-  p = std::fma(p, f, 1.54035304e-4f);
-  p = std::fma(p, f, 1.33335581e-3f);
-  p = std::fma(p, f, 9.61812911e-3f);
-  p = std::fma(p, f, 5.55041087e-2f);
-  p = std::fma(p, f, 2.40226507e-1f);
-  p = std::fma(p, f, 6.93147181e-1f);
+  float p = 1.54614447e-4f;
+  p = std::fma(p, f, 1.34004282e-3f);
+  p = std::fma(p, f, 9.61805668e-3f);
+  p = std::fma(p, f, 5.55032723e-2f);
+  p = std::fma(p, f, 2.40226509e-1f);
+  p = std::fma(p, f, 6.93147207e-1f);
   return std::fma(p, f, 1.0f);
+}
+
+// 2^f for |f| <= 1/2 to encoding's precision: degree 5, relative error 1.0e-7, where an FP8 step is 2^-3
+inline float exp2_fraction_coarse(float f) {
+  float p = 1.33908634e-3f;
+  p = std::fma(p, f, 9.67603192e-3f);
+  p = std::fma(p, f, 5.55035711e-2f);
+  p = std::fma(p, f, 2.40221075e-1f);
+  p = std::fma(p, f, 6.93147188e-1f);
+  return std::fma(p, f, 1.00000008f);
 }
 
 // 2^x within about an ulp, 0 below the subnormals and inf above the float range: x = n + f with
@@ -93,7 +123,7 @@ inline float exp2_poly(float x) {
 inline float exp2_normal(float x) {
   x = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);
   const float n = (x + 12582912.0f) - 12582912.0f;
-  const float p = exp2_fraction(x - n);
+  const float p = exp2_fraction_coarse(x - n);
   return p * float_of(static_cast<uint32_t>(static_cast<int>(n) + 127) << 23);
 }
 
@@ -207,6 +237,85 @@ inline uint8_t round_code(float r, bool zero, uint32_t sign, const Rounder& o, b
   return static_cast<uint8_t>((zero && !keep_zero_sign) ? 0u : (sign | mag));
 }
 
+// 2^(log2|code| / k) for each magnitude code (codes 0 to 127), one table per expansion k = j / 16 for
+// j in [4, 1024), each made in double the first time a group needs it. A group with such a k is then
+// decoded by a lookup and one multiply by its factor 2^(log2 s / k) c, instead of an exp2 per element.
+// Other k, and a group whose values would leave float's normal range, take decode_expanded.
+struct PowerTables {
+  static constexpr int first = 4, last = 1024;
+  const float* value;  // each code's value
+  std::vector<int32_t> row = std::vector<int32_t>(last, -1);
+  std::vector<float> data;       // 128 per table
+  std::vector<float> least, most;  // each table's smallest and largest entry of a non-zero code
+
+  explicit PowerTables(const float* code_values) : value(code_values) {}
+
+  // the table and factor for a group, or nullptr where this group must take decode_expanded
+  const float* find(float k, float scale, float centre, float* factor) {
+    const float j = k * 16.0f;
+    if (!(j >= first && j < last) || j != std::floor(j)) return nullptr;
+    const int ji = static_cast<int>(j);
+    if (row[ji] < 0) {
+      row[ji] = static_cast<int32_t>(least.size());
+      const double kd = static_cast<double>(k);
+      float lo = std::numeric_limits<float>::infinity(), hi = 0.0f;
+      for (int c = 0; c < 128; ++c) {
+        const double a = std::fabs(static_cast<double>(value[c]));
+        const float t = a > 0.0 ? static_cast<float>(std::exp2(std::log2(a) / kd)) : 0.0f;
+        data.push_back(t);
+        if (a > 0.0) {
+          lo = std::min(lo, t);
+          hi = std::max(hi, t);
+        }
+      }
+      least.push_back(lo);
+      most.push_back(hi);
+    }
+    const int r = row[ji];
+    const double f = std::exp2(std::log2(static_cast<double>(scale)) / static_cast<double>(k)) * centre;
+    if (!(f * least[r] >= std::numeric_limits<float>::min() && f * most[r] <= std::numeric_limits<float>::max())) {
+      return nullptr;
+    }
+    *factor = static_cast<float>(f);
+    return data.data() + 128 * static_cast<int64_t>(r);
+  }
+};
+
+// one moment of one group, decoded by its power table
+inline void decode_table(const uint8_t* codes, float* x, int64_t n, const float* table, float factor) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t c = codes[i];
+    const float a = table[c & 0x7Fu] * factor;
+    x[i] = (c & 0x7Fu) ? ((c & 0x80u) ? -a : a) : 0.0f;
+  }
+}
+
+// one moment of one group, decoded: sign(ys) 2^(log2|ys| / k) c (one loop per moment keeps the
+// constants in registers)
+inline void decode_expanded(const uint8_t* codes, float* x, int64_t n, const float* log2mag, float log2_scale,
+                            float k, float centre) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t c = codes[i];
+    const float a = exp2_poly((log2mag[c] + log2_scale) / k) * centre;
+    x[i] = (c & 0x7Fu) ? ((c & 0x80u) ? -a : a) : 0.0f;
+  }
+}
+
+// one moment of one group, encoded: |r| = 2^(k log2(|x| / c) - log2 s)
+inline void encode_expanded(const float* x, uint8_t* codes, int64_t n, float inv_centre, float k, float log2_scale,
+                            const Rounder& o) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    const bool zero = a == 0.0f;
+    // log2 of a zero is never used: its code is +0
+    const float r = exp2_normal(log2_coarse(zero ? 1.0f : a * inv_centre) * k - log2_scale);
+    codes[i] = round_code(r, zero, bits_of(x[i]) >> 31 << 7, o, false);
+  }
+}
+
 struct Step {
   float decay, weight, beta2, one_minus_beta2, eps, neg_step_size, bias_correction2_sqrt;
   bool small_weight;  // torch's lerp: start + w (end - start) for |w| < 1/2, else end + (w - 1)(end - start)
@@ -267,6 +376,7 @@ void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_
     float* mb = buffer.data();
     float* vb = mb + block * group;
     float mls_b[BLOCK], vls_b[BLOCK];
+    PowerTables mt(fm.value), vt(fv.value);
     Encoders em, ev;
     for (int64_t g0 = begin; g0 < end; g0 += block) {
       const int64_t nb = std::min(block, end - g0);
@@ -289,13 +399,16 @@ void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_
         const float mcen = expansion ? mm.centre[g] : 1.0f, vcen = expansion ? vm.centre[g] : 1.0f;
         const float mls = mls_b[j], vls = vls_b[j];
         if (expansion) {  // sign(ys) 2^(log2|ys| / k) c
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const uint32_t cm = mc[i], cv = vc[i];
-            const float xm = exp2_poly((m_log2[cm] + mls) / mk) * mcen;
-            const float xv = exp2_poly((v_log2[cv] + vls) / vk) * vcen;
-            m[i] = (cm & 0x7Fu) ? ((cm & 0x80u) ? -xm : xm) : 0.0f;
-            v[i] = (cv & 0x7Fu) ? ((cv & 0x80u) ? -xv : xv) : 0.0f;
+          float factor;
+          if (const float* t = mt.find(mk, ms, mcen, &factor)) {
+            decode_table(mc, m, n, t, factor);
+          } else {
+            decode_expanded(mc, m, n, m_log2, mls, mk, mcen);
+          }
+          if (const float* t = vt.find(vk, vs, vcen, &factor)) {
+            decode_table(vc, v, n, t, factor);
+          } else {
+            decode_expanded(vc, v, n, v_log2, vls, vk, vcen);
           }
         } else {
 #pragma omp simd
@@ -323,16 +436,8 @@ void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_
         if (expansion) {
           const float mic = em.inv_centre[j], mke = em.k[j], mlsn = em.log2_scale[j];
           const float vic = ev.inv_centre[j], vke = ev.k[j], vlsn = ev.log2_scale[j];
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const float am = std::fabs(m[i]), av = std::fabs(v[i]);
-            const bool zm = am == 0.0f, zv = av == 0.0f;
-            // log2 of a zero is never used: its code is +0
-            const float rm = exp2_normal(log2_poly(zm ? 1.0f : am * mic) * mke - mlsn);
-            const float rv = exp2_normal(log2_poly(zv ? 1.0f : av * vic) * vke - vlsn);
-            mc[i] = round_code(rm, zm, bits_of(m[i]) >> 31 << 7, om, false);
-            vc[i] = round_code(rv, zv, bits_of(v[i]) >> 31 << 7, ov, false);
-          }
+          encode_expanded(m, mc, n, mic, mke, mlsn, om);
+          encode_expanded(v, vc, n, vic, vke, vlsn, ov);
         } else {
           const float msc = em.scale[j], vsc = ev.scale[j];
 #pragma omp simd
