@@ -41,7 +41,8 @@ class ByCategory:
 
 @dataclass
 class Transients:
-    """Short-lived bytes inside one decoder layer that no category holds at the end of forward.
+    """Short-lived bytes inside one decoder layer, or the optimizer step, that no category holds at
+    the end of forward.
 
     Plugins whose layers rebuild their saved inputs in their own backward (FP8 or 8-bit
     activations) peak inside a layer rather than at the start of backward; the planner
@@ -56,8 +57,13 @@ class Transients:
     """beyond the saved activations, at the worst moment of the last decoder layer's forward: the
     tensors it reads and writes and the packing code's workspace"""
 
+    optimizer_step: int = 0
+    """beyond the gradients, at the worst moment of the optimizer step, where a plugin's optimizer
+    declares it; 0: torch AdamW's single-tensor step, two temporaries of the largest parameter"""
+
     def transients(self) -> dict[str, int]:
-        return {"layer_backward": self.layer_backward, "layer_forward": self.layer_forward}
+        return {"layer_backward": self.layer_backward, "layer_forward": self.layer_forward,
+                "optimizer_step": self.optimizer_step}
 
 
 @dataclass

@@ -171,6 +171,36 @@ def test_small_tensors_and_excluded_parameters_stay_fp32_and_match_adamw():
     assert torch.equal(small, ref_params[0]) and torch.equal(emb, ref_params[1])
 
 
+def test_a_large_fp32_parameter_steps_as_adamw_in_chunks_of_bounded_workspace():
+    """An embedding kept in fp32 is updated CHUNK elements at a time: bitwise torch AdamW's step,
+    with the two temporaries of one chunk (update.step_workspace_bytes) instead of two of its size."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from memwise_coat.update import CHUNK, step_workspace_bytes
+
+    torch.manual_seed(0)
+    emb = torch.nn.Parameter(torch.randn(2 * CHUNK // 64 + 3, 64))  # two chunks and a 192-element tail
+    ref = torch.nn.Parameter(emb.detach().clone())
+    ours, theirs = CoatAdamW([emb], fp32_params=[emb], weight_decay=0.1), torch.optim.AdamW([ref], weight_decay=0.1)
+    for step in range(3):
+        emb.grad = torch.randn_like(emb)
+        ref.grad = emb.grad.clone()
+        theirs.step()
+        if step < 2:
+            ours.step()
+            continue
+        tracker = MemTracker()
+        tracker.track_external(emb, ours)
+        with tracker:
+            ours.step()
+            after = tracker.get_tracker_snapshot("current")  # parameter, gradient and state, as before
+        peak = tracker.get_tracker_snapshot("peak")
+    assert torch.equal(emb, ref)
+    assert torch.equal(ours.state[emb]["exp_avg_sq"], theirs.state[ref]["exp_avg_sq"])
+    workspace = sum(d["Total"] for d in peak.values()) - sum(d["Total"] for d in after.values())
+    assert workspace == step_workspace_bytes([emb.numel()]) == 2 * 4 * CHUNK
+
+
 def test_e5m2_second_moment_and_plain_mode():
     shape = (256, 64)
     for opts, keys in (({"second_moment_format": "e5m2"}, 4), ({"expansion": False}, 2)):

@@ -13,26 +13,30 @@ from memwise_coat.quantization import codec
 from memwise_coat.selection import fp32_parameters
 from memwise_coat.state import CoatState
 from memwise_coat.state_bytes import adamw_state_bytes, coat_param_state_bytes, shard_of
+from memwise_coat.update import step_workspace_bytes
 
 
-def optimizer_delta(model: nn.Module, config: Any, shards: int = 1) -> tuple[int, str]:
+def optimizer_delta(model: nn.Module, config: Any, shards: int = 1) -> tuple[int, int, str]:
     """CoatAdamW's state minus torch AdamW's, for the model's trainable parameters, on one rank of
-    ``shards`` (FSDP2 shards each parameter on dim 0; groups lie within each shard)."""
+    ``shards`` (FSDP2 shards each parameter on dim 0; groups lie within each shard); and its step's
+    workspace (``update.step_workspace_bytes`` over the fp32-moment shards)."""
     layout = CoatState(codec("e4m3", config.group_size, config.expansion, config.min_expansion),
                        codec(config.second_moment_format, config.group_size, config.expansion, config.min_expansion))
     keep = {id(p) for p in fp32_parameters(model, config.keep_fp32)}
     params = [p for p in model.parameters() if p.requires_grad]
-    coat, quantized = 0, 0
+    coat, quantized, fp32_numels = 0, 0, []
     for p in params:
         q = id(p) not in keep and p.numel() >= config.min_numel
         quantized += p.numel() if q else 0
         coat += coat_param_state_bytes(p, q, layout, shards)
+        if not q:
+            fp32_numels.append(shard_of(p, shards).numel())
     base = adamw_state_bytes([shard_of(p, shards) for p in params])
     total = sum(p.numel() for p in params)
     per_rank = f", per rank of {shards} (groups within each shard)" if shards > 1 else ""
     note = (f"optimizer state {coat * shards / max(total, 1):.3f} B/param ({quantized:,} of {total:,} parameters in "
             f"FP8 groups of {config.group_size}{per_rank})")
-    return coat - base, note
+    return coat - base, step_workspace_bytes(fp32_numels), note
 
 
 def activation_delta(model: nn.Module, workload: Any, config: Any) -> tuple[int, str]:

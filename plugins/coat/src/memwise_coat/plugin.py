@@ -95,7 +95,7 @@ class CoatPlugin(memwise.Plugin):
         notes, delta = [], MemoryDelta()
         if self.config.optimizer:
             shards = ctx.workload.shards if ctx.workload else 1  # FSDP2: each rank's shard of the state
-            delta.optimizer_state, note = optimizer_delta(ctx.model, self.config, shards)
+            delta.optimizer_state, delta.optimizer_step, note = optimizer_delta(ctx.model, self.config, shards)
             notes.append(note)
         if self.config.activations:
             delta.activations, note = activation_delta(ctx.model, ctx.workload, self.config)

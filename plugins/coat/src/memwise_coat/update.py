@@ -9,8 +9,27 @@ from memwise_coat.scalars import StepScalars
 from memwise_coat.state import MOMENTS, CoatState
 
 
+CHUNK = 1 << 19
+"""Elements updated at a time on the torch paths: bounds their fp32 workspace (a few MiB; the kernel needs
+none) while keeping the per-operation overhead of eager torch small beside the work."""
+
+
 def adamw_update_(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: StepScalars) -> None:
-    """torch.optim.AdamW's single-tensor update, in place on fp32 tensors."""
+    """torch.optim.AdamW's single-tensor update, in place on fp32 moments, ``CHUNK`` elements at a time.
+
+    Every operation is elementwise, so the result is bitwise the whole-tensor update's, while its two
+    temporaries (the square root of ``v`` and its quotient) stay at most ``CHUNK`` elements each
+    instead of the parameter's size (an embedding's moments kept in fp32 made 2 x its size).
+    """
+    if p.numel() <= CHUNK or not all(t.is_contiguous() for t in (p, grad, m, v)):
+        _adamw_piece(p, grad, m, v, s)
+        return
+    flat = [t.view(-1) for t in (p, grad, m, v)]
+    for start in range(0, flat[0].numel(), CHUNK):
+        _adamw_piece(*(t[start:start + CHUNK] for t in flat), s)
+
+
+def _adamw_piece(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: StepScalars) -> None:
     p.mul_(s.decay)
     m.lerp_(grad, 1 - s.beta1)
     v.mul_(s.beta2).addcmul_(grad, grad, value=1 - s.beta2)
@@ -18,9 +37,10 @@ def adamw_update_(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch
     p.addcdiv_(m, denom, value=-s.step_size)
 
 
-CHUNK = 1 << 19
-"""Elements updated at a time on the torch path: bounds its fp32 workspace (a few MiB; the kernel needs
-none) while keeping the per-operation overhead of eager torch small beside the work."""
+def step_workspace_bytes(fp32_numels: list[int]) -> int:
+    """Bytes the step allocates beyond the gradients at its worst, on the fused kernels: the fp32-moment
+    update's two temporaries on the largest chunk (the FP8 kernels keep theirs in registers and L1)."""
+    return 2 * 4 * min(CHUNK, max(fp32_numels, default=0))
 
 
 def fp8_step_reference(p: torch.Tensor, grad: torch.Tensor, state: dict, s: StepScalars,
