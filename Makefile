@@ -39,8 +39,11 @@ sft-all: sft
 loram-smollm2: setup model
 	$(BIN)/memwise run recipes/finetune/smollm2-loram.yaml
 
+# one OpenMP thread per test process unless set: the tests' tensors are small, and the two-process
+# DDP/FSDP tests would otherwise run four spinning threads on two cores (the suite took 37.5 min with
+# the default threads and 28.8 min with one, on the 2-core machine, the second time beside another job)
 test: setup model
-	$(BIN)/python -m pytest -q --durations=25
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs
