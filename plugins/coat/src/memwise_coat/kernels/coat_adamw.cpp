@@ -99,8 +99,8 @@ inline float exp2_poly(float x) {
   return p * float_of(static_cast<uint32_t>(n1 + 127) << 23) * float_of(static_cast<uint32_t>(n2 + 127) << 23);
 }
 
-// exp2_poly for x in [-126, 127] (a normal result), with one scaling by 2^n; x is clamped there, so the
-// exponent arithmetic stays in range.
+// encoding's exp2: x in [-126, 127] (a normal result), to FP8's precision (exp2_fraction_coarse), with
+// one scaling by 2^n; x is clamped there, so the exponent arithmetic stays in range.
 inline float exp2_normal(float x) {
   x = x < -126.0f ? -126.0f : (x > 127.0f ? 127.0f : x);
   const float n = (x + 12582912.0f) - 12582912.0f;
