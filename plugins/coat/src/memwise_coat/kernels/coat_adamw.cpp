@@ -284,6 +284,17 @@ inline void decode_expanded(const uint8_t* codes, float* x, int64_t n, const flo
   }
 }
 
+// one moment of one group, decoded by its power table where it has one, else by an exp2 per element
+inline void decode_group(PowerTables& tables, const uint8_t* codes, float* x, int64_t n, const float* log2mag,
+                         float log2_scale, float k, float scale, float centre) {
+  float factor;
+  if (const float* t = tables.find(k, scale, centre, &factor)) {
+    decode_table(codes, x, n, t, factor);
+  } else {
+    decode_expanded(codes, x, n, log2mag, log2_scale, k, centre);
+  }
+}
+
 // one moment of one group, encoded: |r| = 2^(k log2(|x| / c) - log2 s)
 inline void encode_expanded(const float* x, uint8_t* codes, int64_t n, float inv_centre, float k, float log2_scale,
                             const Rounder& o) {
@@ -380,17 +391,8 @@ void run(P* p, const G* grad, uint8_t* mq, Meta mm, uint8_t* vq, Meta vm, int64_
         const float mcen = expansion ? mm.centre[g] : 1.0f, vcen = expansion ? vm.centre[g] : 1.0f;
         const float mls = mls_b[j], vls = vls_b[j];
         if (expansion) {  // sign(ys) 2^(log2|ys| / k) c
-          float factor;
-          if (const float* t = mt.find(mk, ms, mcen, &factor)) {
-            decode_table(mc, m, n, t, factor);
-          } else {
-            decode_expanded(mc, m, n, m_log2, mls, mk, mcen);
-          }
-          if (const float* t = vt.find(vk, vs, vcen, &factor)) {
-            decode_table(vc, v, n, t, factor);
-          } else {
-            decode_expanded(vc, v, n, v_log2, vls, vk, vcen);
-          }
+          decode_group(mt, mc, m, n, m_log2, mls, mk, ms, mcen);
+          decode_group(vt, vc, v, n, v_log2, vls, vk, vs, vcen);
         } else {
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
