@@ -40,6 +40,9 @@ CE = "{use: chunked_ce}"
 COAT = "{use: coat, with: {activations: false}}"
 COMPOSED = f"{COAT}, {MESA}, {CE}, {OFFLOAD}"
 COMPOSITION = f"plugins=[{COMPOSED}]"
+# no layer fetched ahead: one offloaded layer on the device at a time (the copies do not overlap
+# compute on a CPU anyway); the gradients are bitwise those of prefetch 1
+UNFETCHED = f"plugins=[{COMPOSED.replace('prefetch: 1', 'prefetch: 0')}]"
 # fused_step applies each update in backward, before a global gradient norm exists: no clipping
 FUSED = ["trainer.gradient_clip_val=null", f"plugins=[{COMPOSED}, {{use: fused_step}}]"]
 VARIANTS = {
@@ -53,6 +56,7 @@ VARIANTS = {
     "composition + fused_step": FUSED,
     "baseline bf16-mixed": ["trainer.precision=bf16-mixed"],
     "composition bf16-mixed": ["trainer.precision=bf16-mixed", COMPOSITION],
+    "composition bf16-mixed prefetch 0": ["trainer.precision=bf16-mixed", UNFETCHED],
     "composition + fused_step bf16-mixed": ["trainer.precision=bf16-mixed", *FUSED],
 }
 COMPOSITIONS = [n for n in VARIANTS if n.startswith("composition")]

@@ -215,3 +215,29 @@ def test_a_parameter_changed_between_forward_and_backward_is_an_error():
         m.model.layers[0].mlp.down_proj.weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="offload: a parameter"):
         out.backward()
+
+
+def _fetched_high_water(prefetch: int) -> tuple[int, int]:
+    """The most bytes of offloaded storages on the device at once in backward, and one layer's bytes."""
+    m = llama()
+    apply_offload(m, prefetch=prefetch)
+    off = offloader_of(m)
+    high = 0
+    bring = off._bring
+
+    def counting(saved):
+        nonlocal high
+        bring(saved)
+        high = max(high, sum(s.host.numel() for g in off.groups for s in g.saved if s.device is not None))
+
+    off._bring = counting
+    grads(m)
+    return high, off.pool.nbytes // LAYERS
+
+
+def test_a_layer_not_fetched_ahead_comes_back_one_storage_at_a_time():
+    high, layer = _fetched_high_water(0)
+    # only what the running backward node reads: a fraction of the layer
+    assert 0 < high <= 0.25 * layer, (high, layer)
+    high, layer = _fetched_high_water(1)
+    assert high >= 1.0 * layer, (high, layer)  # the layer ahead comes back whole

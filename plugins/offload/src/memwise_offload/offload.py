@@ -3,7 +3,8 @@
 For each chosen layer, the tensors its forward saves for backward are copied into host
 buffers that are allocated once and reused every step (pinned on CUDA), and brought back
 when backward reaches that layer; while layer i runs backward, layers i-1 .. i-prefetch
-are already being fetched. On CUDA the copies run on a side stream ordered by events; on
+are already being fetched, whole. A layer that was not fetched ahead (the first in backward, or
+every layer with prefetch 0) comes back one storage at a time, when its backward first needs each. On CUDA the copies run on a side stream ordered by events; on
 CPU the same code runs with the host as the "device" (the copies are then synchronous),
 so every test runs here.
 
@@ -210,18 +211,20 @@ class Offloader:
 
     def _fetch(self, group: _Group) -> None:
         for saved in group.saved:
-            if saved.device is not None or saved.uses == 0:
-                continue
-            if self.stream is not None:
-                with torch.cuda.stream(self.stream):
-                    saved.device = torch.empty_like(saved.host, device=saved.device_type)
-                    saved.device.copy_(saved.host, non_blocking=True)
-                    saved.ready = torch.cuda.Event()
-                    saved.ready.record(self.stream)
-                saved.device.record_stream(torch.cuda.current_stream(saved.device_type))
-            else:
+            if saved.device is None and saved.uses > 0:
+                self._bring(saved)
+
+    def _bring(self, saved: _Saved) -> None:
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
                 saved.device = torch.empty_like(saved.host, device=saved.device_type)
-                saved.device.copy_(saved.host)
+                saved.device.copy_(saved.host, non_blocking=True)
+                saved.ready = torch.cuda.Event()
+                saved.ready.record(self.stream)
+            saved.device.record_stream(torch.cuda.current_stream(saved.device_type))
+        else:
+            saved.device = torch.empty_like(saved.host, device=saved.device_type)
+            saved.device.copy_(saved.host)
 
     def _unpack(self, group: _Group, packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
@@ -230,7 +233,9 @@ class Offloader:
             return self._recast(group, packed)
         saved = packed.storage
         if saved.device is None:
-            self._fetch(group)
+            # a layer not fetched ahead comes back one storage at a time, as its backward needs each
+            # (the MLP's backward then does not hold the attention's tensors as well)
+            self._bring(saved)
         index = self.groups.index(group) if group in self.groups else -1
         for ahead in range(1, self.prefetch + 1):
             if index - ahead >= 0:

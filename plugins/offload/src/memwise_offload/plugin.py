@@ -86,13 +86,16 @@ class OffloadPlugin(memwise.Plugin):
             layers = len(select_layers(ctx.model))
             layer = min(layer, max(0, estimate.activations - outside) // layers)
         kept_input = (1 - share) * w.batch_size * w.seq_len * config.hidden_size * 4
+        # the layers fetched ahead come back whole; the running one a storage at a time, as its backward
+        # reads each: counted whole here, an upper bound (the first layer in backward, and every layer
+        # at prefetch 0, holds less)
         window = min(n, self.config.prefetch + 1)
         # autocast's weight copies are cast again in backward, not sent to host
         moved = max(0, layer - autocast_copy_bytes(config, w.precision) // max(1, len(select_layers(ctx.model))))
         return MemoryDelta(activations=int(-n * layer + n * kept_input), host=int(n * share * moved),
                            temporaries=int(window * share * moved + (1 - share) * layer),
                            note=f"{n} layers: {share:.0%} of tokens swapped to host, the rest recomputed; "
-                                f"{window} layer(s) on the device in backward")
+                                f"at most {window} layer(s) on the device in backward")
 
     @memwise.hookimpl
     def memwise_transform_model(self, ctx: Any) -> None:
