@@ -67,22 +67,39 @@ class Transients:
 
 
 @dataclass
-class MemoryDelta(ByCategory, Transients):
-    """A plugin's predicted change per category, in signed bytes, with a short reason; and the
-    transients its layers add (absolute bytes, not a change)."""
+class OutsideLayers:
+    """Of the activations, the part saved outside the decoder layers (embeddings, final norm, head,
+    loss), so that a plugin working per layer (offload, the planner's walk down the layers) finds what
+    each layer still saves after the plugins before it, whatever they did to the loss side."""
+
+    outside_layers: int = 0
+
+
+@dataclass
+class MemoryDelta(ByCategory, Transients, OutsideLayers):
+    """A plugin's predicted change per category, in signed bytes, with a short reason; the transients
+    its layers add (absolute bytes, not a change); and how much of its activations change is outside
+    the decoder layers (chunked cross-entropy's all of it)."""
 
     note: str = ""
 
 
 @dataclass
-class MemoryEstimate(ByCategory, Transients):
-    """Predicted bytes per category, and the transients inside a layer (the largest any plugin declares)."""
+class MemoryEstimate(ByCategory, Transients, OutsideLayers):
+    """Predicted bytes per category, the transients inside a layer (the largest any plugin declares)
+    and the activations outside the decoder layers."""
 
     def apply(self, delta: MemoryDelta | None) -> MemoryEstimate:
         if delta is None:
-            return MemoryEstimate(**self.as_dict(), **self.transients())
+            return MemoryEstimate(**self.as_dict(), **self.transients(), outside_layers=self.outside_layers)
         return MemoryEstimate(**{c: getattr(self, c) + getattr(delta, c) for c in CATEGORIES},
-                              **{k: max(v, getattr(delta, k)) for k, v in self.transients().items()})
+                              **{k: max(v, getattr(delta, k)) for k, v in self.transients().items()},
+                              outside_layers=self.outside_layers + delta.outside_layers)
+
+    @property
+    def layer_activations(self) -> int:
+        """What the decoder layers save, all together."""
+        return max(0, self.activations - self.outside_layers)
 
     @property
     def total(self) -> int:
@@ -447,6 +464,8 @@ def predict_baseline(model: torch.nn.Module, optimizer_state_bytes: int, batch: 
     temporaries by formula."""
     config = getattr(model, "config", None)
     activations = llama_activation_bytes(config, batch, seq, precision) if config is not None else 0
+    outside = llama_activation_bytes(config, batch, seq, precision, layers=0) if config is not None else 0
     temporaries = loss_temporary_bytes(config, batch, seq, precision) if config is not None else 0
     return MemoryEstimate(parameters=parameter_bytes(model), gradients=trainable_bytes(model),
-                          optimizer_state=optimizer_state_bytes, activations=activations, temporaries=temporaries)
+                          optimizer_state=optimizer_state_bytes, activations=activations, temporaries=temporaries,
+                          outside_layers=outside)

@@ -218,8 +218,6 @@ class StepShape:
     layer_grads: int
     """one decoder layer's parameter gradients"""
     layers: int
-    outside_activations: int
-    """what forward saves outside the decoder layers (embeddings, final norm, head, loss)"""
     head_grad: int
     """the head's parameter gradient, the first one backward creates"""
     tied_embedding: int = 0
@@ -245,7 +243,7 @@ def predict_peak(est: MemoryEstimate, shape: StepShape) -> int:
     tied embedding's gradient (``shape.tied_embedding``), whichever is largest. Checked against
     MemTracker's measured peak in tests/test_planner.py.
     """
-    kept = max(est.activations - shape.outside_activations, 0) // max(shape.layers, 1)
+    kept = est.layer_activations // max(shape.layers, 1)
     walk = max(0, (shape.layers - 1) * (shape.layer_grads - kept))
     recompute = est.temporaries - shape.temporaries
     # a plugin that shrinks the loss side (chunked cross-entropy) shrinks what backward starts with alike
@@ -341,7 +339,7 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
     base_temporaries = memory.loss_temporary_bytes(model.config, batch, seq, precision)
     est = MemoryEstimate(parameters=state["parameters"], gradients=state["gradients"],
                          optimizer_state=state["optimizer_state"], activations=state["activations"],
-                         temporaries=base_temporaries)
+                         temporaries=base_temporaries, outside_layers=state["outside"])
     notes = []
     slowdown = 1.0
     host = memo.host(plugins)
@@ -365,7 +363,6 @@ def estimate(model: torch.nn.Module, plugins: list, workload: Workload, devices:
                       head_activations=memory.logits_activation_bytes(model.config, batch, seq, precision),
                       layer_backward=shard["layer"] + _bytes(head, devices) + 4 * tokens * model.config.hidden_size,
                       layer_grads=shard["layer"], layers=model.config.num_hidden_layers,
-                      outside_activations=state["outside"],
                       head_grad=_bytes(head, devices),
                       tied_embedding=_bytes(head, devices) if head is model.get_input_embeddings().weight else 0)
     if devices > 1:

@@ -241,3 +241,20 @@ def test_a_layer_not_fetched_ahead_comes_back_one_storage_at_a_time():
     assert 0 < high <= 0.25 * layer, (high, layer)
     high, layer = _fetched_high_water(1)
     assert high >= 1.0 * layer, (high, layer)  # the layer ahead comes back whole
+
+
+def test_the_estimate_moves_the_same_layers_after_chunked_ce_shrank_the_loss_side():
+    """Chunked CE removes the logits, which are outside the decoder layers: what offload moves to host
+    is the layers' bytes either way (at vocabulary 32,768 the logits outweigh the layers here)."""
+    from memwise.memory import predict_baseline
+    from memwise_chunked_ce import ChunkedCEPlugin
+
+    m = tiny_llama(layers=LAYERS, vocab=32768, pad_token_id=None)
+    ctx = memwise.RunContext(stage="fit", model=m, workload=memwise.Workload(4, 64))
+    base = predict_baseline(m, 0, 4, 64, "32-true")
+    alone = OffloadPlugin().memwise_estimate_memory(ctx=ctx, estimate=base)
+    chunked = base.apply(ChunkedCEPlugin().memwise_estimate_memory(ctx=ctx, estimate=base))
+    assert base.outside_layers > base.layer_activations  # the loss side is most of it
+    after = OffloadPlugin().memwise_estimate_memory(ctx=ctx, estimate=chunked)
+    assert after.host == alone.host > 0
+    assert after.activations == alone.activations

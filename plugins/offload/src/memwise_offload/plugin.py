@@ -74,7 +74,7 @@ class OffloadPlugin(memwise.Plugin):
 
     @memwise.hookimpl
     def memwise_estimate_memory(self, ctx: Any, estimate: Any) -> MemoryDelta:
-        from memwise.memory import autocast_copy_bytes, llama_activation_bytes, llama_layer_activation_bytes
+        from memwise.memory import autocast_copy_bytes, llama_layer_activation_bytes
 
         w, config = ctx.workload, ctx.model.config
         n = len(self._indices(ctx.model))
@@ -82,9 +82,7 @@ class OffloadPlugin(memwise.Plugin):
         share = min(rows, max(0, round(self.config.fraction * rows))) / rows
         layer = llama_layer_activation_bytes(config, w.batch_size, w.seq_len, w.precision)
         if estimate is not None:  # what the layers still save after the plugins before (Mesa's packed bytes)
-            outside = llama_activation_bytes(config, w.batch_size, w.seq_len, w.precision, layers=0)
-            layers = len(select_layers(ctx.model))
-            layer = min(layer, max(0, estimate.activations - outside) // layers)
+            layer = min(layer, estimate.layer_activations // len(select_layers(ctx.model)))
         kept_input = (1 - share) * w.batch_size * w.seq_len * config.hidden_size * 4
         # the layers fetched ahead come back whole; the running one a storage at a time, as its backward
         # reads each: counted whole here, an upper bound (the first layer in backward, and every layer
