@@ -39,7 +39,9 @@ def memwise_estimate_memory(ctx: Any, estimate: Any) -> Any:
     this one; ``ctx.model`` is the model as the plugins before this one left it (their
     surgery has run, this plugin's has not; ``memwise plan`` passes a meta model without
     surgery) and ``ctx.workload`` the batch shape. Count plain AdamW state with
-    :func:`memwise.optim.state_bytes`.
+    :func:`memwise.optim.state_bytes`. A change to the activations outside the decoder layers
+    (the loss side) goes in ``outside_layers`` too, so that a plugin working per layer reads
+    the layers' share as ``estimate.layer_activations``.
     At ``ctx.stage == "generate"`` (``memwise plan --stage generate``) the estimate holds the weights,
     the dense KV cache of ``ctx.workload.seq_len`` prompt tokens and ``max_new_tokens - 1`` fed-back
     tokens, and the prompt's forward temporaries: a KV-cache plugin returns its cache's change

@@ -55,6 +55,8 @@ VARIANTS = {
     "composition": [COMPOSITION],
     "composition + fused_step": FUSED,
     "baseline bf16-mixed": ["trainer.precision=bf16-mixed"],
+    # fused_step's reference for the loss: AdamW without the global-norm clipping it cannot do
+    "baseline bf16-mixed no clipping": ["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=null"],
     "composition bf16-mixed": ["trainer.precision=bf16-mixed", COMPOSITION],
     "composition bf16-mixed prefetch 0": ["trainer.precision=bf16-mixed", UNFETCHED],
     "composition + fused_step bf16-mixed": ["trainer.precision=bf16-mixed", *FUSED],
