@@ -235,7 +235,7 @@ def _fetched_high_water(prefetch: int) -> tuple[int, int]:
     return high, off.pool.nbytes // LAYERS
 
 
-def test_a_layer_not_fetched_ahead_comes_back_one_storage_at_a_time():
+def test_without_prefetch_a_layer_comes_back_one_storage_at_a_time():
     high, layer = _fetched_high_water(0)
     # only what the running backward node reads: a fraction of the layer
     assert 0 < high <= 0.25 * layer, (high, layer)

@@ -3,8 +3,9 @@
 For each chosen layer, the tensors its forward saves for backward are copied into host
 buffers that are allocated once and reused every step (pinned on CUDA), and brought back
 when backward reaches that layer; while layer i runs backward, layers i-1 .. i-prefetch
-are already being fetched, whole. A layer that was not fetched ahead (the first in backward, or
-every layer with prefetch 0) comes back one storage at a time, when its backward first needs each. On CUDA the copies run on a side stream ordered by events; on
+are already being fetched, whole (the first layer in backward comes back whole at its first
+unpack). With prefetch 0 nothing is fetched ahead: each storage comes back when backward first
+reads it. On CUDA the copies run on a side stream ordered by events; on
 CPU the same code runs with the host as the "device" (the copies are then synchronous),
 so every test runs here.
 
@@ -232,10 +233,12 @@ class Offloader:
         if isinstance(packed, _Recast):
             return self._recast(group, packed)
         saved = packed.storage
-        if saved.device is None:
-            # a layer not fetched ahead comes back one storage at a time, as its backward needs each
-            # (the MLP's backward then does not hold the attention's tensors as well)
+        if saved.device is None and self.prefetch == 0:
+            # nothing is fetched ahead: each storage comes back when backward first reads it (the MLP's
+            # backward then does not hold the attention's tensors as well)
             self._bring(saved)
+        elif saved.device is None:
+            self._fetch(group)
         index = self.groups.index(group) if group in self.groups else -1
         for ahead in range(1, self.prefetch + 1):
             if index - ahead >= 0:

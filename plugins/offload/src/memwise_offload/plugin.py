@@ -84,9 +84,8 @@ class OffloadPlugin(memwise.Plugin):
         if estimate is not None:  # what the layers still save after the plugins before (Mesa's packed bytes)
             layer = min(layer, estimate.layer_activations // len(select_layers(ctx.model)))
         kept_input = (1 - share) * w.batch_size * w.seq_len * config.hidden_size * 4
-        # the layers fetched ahead come back whole; the running one a storage at a time, as its backward
-        # reads each: counted whole here, an upper bound (the first layer in backward, and every layer
-        # at prefetch 0, holds less)
+        # prefetch + 1 whole layers; at prefetch 0 the running layer comes back a storage at a time, as
+        # its backward reads each: counted whole here, an upper bound
         window = min(n, self.config.prefetch + 1)
         # autocast's weight copies are cast again in backward, not sent to host
         moved = max(0, layer - autocast_copy_bytes(config, w.precision) // max(1, len(select_layers(ctx.model))))
