@@ -40,8 +40,8 @@ CE = "{use: chunked_ce}"
 COAT = "{use: coat, with: {activations: false}}"
 COMPOSED = f"{COAT}, {MESA}, {CE}, {OFFLOAD}"
 COMPOSITION = f"plugins=[{COMPOSED}]"
-# no layer fetched ahead: one offloaded layer on the device at a time (the copies do not overlap
-# compute on a CPU anyway); the gradients are bitwise those of prefetch 1
+# no layer fetched ahead: each offloaded storage comes back when backward reads it (the copies do not
+# overlap compute on a CPU anyway); the gradients are bitwise those of prefetch 1
 UNFETCHED = f"plugins=[{COMPOSED.replace('prefetch: 1', 'prefetch: 0')}]"
 # fused_step applies each update in backward, before a global gradient norm exists: no clipping
 FUSED = ["trainer.gradient_clip_val=null", f"plugins=[{COMPOSED}, {{use: fused_step}}]"]

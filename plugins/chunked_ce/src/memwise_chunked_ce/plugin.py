@@ -82,7 +82,8 @@ class ChunkedCEPlugin(memwise.Plugin):
         else:
             head = 2 * weight + chunk_grads
         temporaries = max(chunk_grads, head) - loss_temporary_bytes(config, w.batch_size, w.seq_len, w.precision)
-        return MemoryDelta(activations=-logits + 4 * tokens, outside_layers=-logits + 4 * tokens, temporaries=temporaries,
+        saved = -logits + 4 * tokens  # all on the loss side, outside the decoder layers
+        return MemoryDelta(activations=saved, outside_layers=saved, temporaries=temporaries,
                            note=f"logits never materialized; {chunk} tokens per chunk")
 
     @memwise.hookimpl
